@@ -1,0 +1,93 @@
+"""The in-memory trace: flat numpy arrays, never per-row Python objects.
+
+Variable-length expert lists are stored CSR-style: the experts of row ``i`` are
+``experts[offsets[i]:offsets[i + 1]]`` in rank order (highest gate score first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from traces.format import PHASE_DECODE, TraceMeta
+
+
+@dataclass
+class Trace:
+    """A whole trace in memory. Rows are sorted by (step, layer, seq, pos).
+
+    Arrays (``n`` rows, ``nnz`` expert activations):
+        step (int64[n]): forward pass the row belongs to.
+        seq (int64[n]): sequence (request) id.
+        pos (int32[n]): token position within its sequence.
+        phase (int8[n]): 0 = prefill, 1 = decode.
+        layer (int16[n]): MoE layer, 0..num_layers-1.
+        offsets (int64[n+1]), experts (int16[nnz]): routed experts in rank order.
+        weights (float32[nnz] or None): gate weights aligned with ``experts``.
+        token_id (int32[n] or None), token (object[n] or None): the token, where known.
+        preds: horizon -> (offsets int64[n+1], ids int16[m]) of predicted experts for the row's
+            (token, layer), made ``horizon`` layers earlier.
+    """
+
+    meta: TraceMeta
+    step: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    phase: np.ndarray
+    layer: np.ndarray
+    offsets: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+    token: np.ndarray | None = None
+    preds: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    path: str = "<memory>"
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.step.shape[0])
+
+    @property
+    def num_activations(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_sequences(self) -> int:
+        return int(np.unique(self.seq).shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(np.unique(self.step).shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Distinct (seq, pos) tokens."""
+        first_layer = self.layer == self.layer.min() if self.num_rows else self.layer
+        return int(np.count_nonzero(first_layer)) if self.num_rows else 0
+
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def is_decode(self) -> np.ndarray:
+        return self.phase == PHASE_DECODE
+
+    def summary(self) -> dict:
+        """A small dict describing the trace (for tables and JSON)."""
+        m = self.meta
+        return {
+            "path": self.path,
+            "model": m.model,
+            "num_layers": m.num_layers,
+            "experts_per_layer": m.experts_per_layer[0]
+            if len(set(m.experts_per_layer)) == 1
+            else m.experts_per_layer,
+            "top_k": m.top_k,
+            "rows": self.num_rows,
+            "activations": self.num_activations,
+            "sequences": self.num_sequences,
+            "steps": self.num_steps,
+            "prefill_rows": int(np.count_nonzero(self.phase == 0)),
+            "decode_rows": int(np.count_nonzero(self.phase == 1)),
+            "pred_horizons": sorted(self.preds),
+        }
