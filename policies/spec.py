@@ -1,0 +1,44 @@
+"""What a policy declares about itself: its name, id, structure, help text and parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STRUCT_LIST = 0  # residents kept in a per-partition list (LRU, FIFO)
+STRUCT_HEAP = 1  # residents ranked by a key (k1, k2) in a per-partition min-heap
+STRUCT_NONE = 2  # nothing is cached
+
+
+@dataclass(frozen=True)
+class Param:
+    """A policy parameter: stored at ``fp[slot]`` of the cache state."""
+
+    name: str
+    default: float
+    help: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A registered eviction policy.
+
+    Attributes:
+        name: the name users pass to ``--policy``.
+        pid: the integer id the kernels branch on (unique).
+        structure: STRUCT_LIST, STRUCT_HEAP or STRUCT_NONE.
+        summary: one line for ``--help`` and docs.
+        params: tunable parameters (``--policy NAME:key=value``).
+        uses_future: True when the policy reads the trace's future (offline bounds such as Belady).
+        prepare: optional Python hook ``prepare(state, context) -> initial residents (int array)``
+            run once before replay (profiles, preloads); ``context`` is a :class:`PrepareContext`.
+    """
+
+    name: str
+    pid: int
+    structure: int
+    summary: str
+    params: tuple[Param, ...] = ()
+    uses_future: bool = False
+    prepare: Callable | None = field(default=None, compare=False)

@@ -1,0 +1,528 @@
+"""The replay kernels: count mode (hits and misses only) and timed mode (discrete events).
+
+Both walk the groups (step, layer) of the replay order and, inside a group, its accesses.
+Protection stamps (``st.pin``) relative to group ``g`` with ``b = 4 * g``:
+    b + 1  a member of the group not yet classified (``atomic`` protects it)
+    b + 2  classified, waiting for its compute (timed mode always protects it)
+    b + 3  computed (evictable only when nothing else is)
+Anything below ``b + 1`` belongs to an earlier group and protects nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from policies.dispatch import admit, observe_miss, remove, touch, victim
+from policies.spec import STRUCT_NONE
+from policies.state import ABSENT, IN_FLIGHT, IP_CLOCK, IP_STRUCT, PINNED, RESIDENT
+
+BIG = np.iinfo(np.int64).max
+INF = np.inf
+
+# integer counters (cnt)
+C_HITS = 0
+C_MISSES = 1
+C_INFLIGHT_HITS = 2
+C_EVICTIONS = 3
+C_FORCED = 4
+C_PF_ISSUED = 5
+C_PF_USED = 6
+C_PF_WASTED = 7
+C_PF_CANCELLED = 8
+C_PF_DROPPED = 9
+C_BYTES = 10
+C_PF_LATE = 11
+C_DEFERRED = 12
+C_PF_WASTED_BYTES = 13
+C_EVENTS = 14
+C_PREFILL_TOKENS = 15
+C_DECODE_TOKENS = 16
+C_DECODE_STEPS = 17
+C_PREFILL_STEPS = 18
+C_PF_BYTES = 19
+N_COUNTERS = 20
+
+# float accumulators (fl), seconds
+F_TOTAL = 0
+F_COMPUTE = 1
+F_STALL = 2
+F_LINK_BUSY = 3
+F_PREFILL_TIME = 4
+F_DECODE_TIME = 5
+F_LATE_STALL = 6
+F_DENSE = 7
+N_FLOATS = 8
+
+# hardware parameters (hw)
+H_BW = 0  # bytes per second
+H_LATENCY = 1  # seconds per transfer
+H_ENGINES = 2  # transfers that may run at once
+H_DENSE = 3  # seconds per layer per step (attention, router, dense parts)
+H_DENSE_TOK = 4  # seconds per token per layer
+H_EXPERT = 5  # seconds per expert launch
+H_EXPERT_TOK = 6  # seconds per token routed to an expert
+N_HW = 7
+
+# event kinds
+EV_DENSE = 0
+EV_COMPUTE = 1
+EV_DEMAND = 2
+EV_PREFETCH = 3
+EV_STALL = 4
+
+
+# --------------------------------------------------------------------------- shared
+@njit(cache=True)
+def _evict(st, v, cnt, pf_flag):
+    remove(st, v)
+    cnt[C_EVICTIONS] += 1
+    if pf_flag[v] != 0:
+        pf_flag[v] = 0
+        cnt[C_PF_WASTED] += 1
+        cnt[C_PF_WASTED_BYTES] += st.size[v]
+
+
+@njit(cache=True)
+def _make_room(st, o, b, atomic, timed, cnt, pf_flag, need_by, arrive, now):
+    """Evict until ``o`` fits in its partition. Returns False when nothing may be evicted."""
+    p = st.part[o]
+    need = st.size[o]
+    if need > st.cap[p]:
+        return False
+    while st.used[p] + need > st.cap[p]:
+        if atomic:
+            v = victim(st, p, b + 1, b + 3, need_by, BIG - 1, arrive, now)
+            if v < 0:
+                v = victim(st, p, b + 1, b + 2, need_by, BIG - 1, arrive, now)
+                if v < 0 and not timed:
+                    v = victim(st, p, 1, 0, need_by, BIG - 1, arrive, now)
+                if v >= 0:
+                    cnt[C_FORCED] += 1
+        else:
+            v = victim(st, p, b + 2, b + 2, need_by, BIG - 1, arrive, now)
+        if v < 0:
+            return False
+        _evict(st, v, cnt, pf_flag)
+    return True
+
+
+@njit(cache=True)
+def preload(st, objs):
+    """Make ``objs`` resident before the run (policy order = list order)."""
+    for o in objs:
+        if st.status[o] == ABSENT and st.used[st.part[o]] + st.size[o] <= st.cap[st.part[o]]:
+            admit(st, o, RESIDENT)
+
+
+# --------------------------------------------------------------------------- count mode
+@njit(cache=True)
+def replay_count(st, g_off, g_layer, obj, next_use, atomic, pf_off, pf_obj, reset, obj_bytes,
+                 cnt, hits_layer, acc_layer):  # fmt: skip
+    """Count-mode replay. ``pf_off``/``pf_obj``: experts inserted for free right before each
+    group (free prefetch; empty lists for none). ``reset[g]`` True empties the cache first."""
+    n_groups = g_layer.shape[0]
+    n_obj = st.status.shape[0]
+    nocache = st.ip[IP_STRUCT] == STRUCT_NONE
+    pf_flag = np.zeros(n_obj, np.int8)
+    need_by = np.full(n_obj, BIG, np.int64)
+    arrive = np.zeros(n_obj, np.float64)
+    for g in range(n_groups):
+        a0 = g_off[g]
+        a1 = g_off[g + 1]
+        b = 4 * g
+        lay = g_layer[g]
+        if reset.shape[0] > 0 and reset[g]:
+            for o in range(n_obj):
+                if st.status[o] == RESIDENT:
+                    remove(st, o)
+                    pf_flag[o] = 0
+        if atomic:
+            for a in range(a0, a1):
+                st.pin[obj[a]] = b + 1
+        if not nocache:
+            for j in range(pf_off[g], pf_off[g + 1]):
+                o = pf_obj[j]
+                if st.status[o] == ABSENT:
+                    if _make_room(st, o, b, atomic, False, cnt, pf_flag, need_by, arrive, 0.0):
+                        admit(st, o, RESIDENT)
+                        pf_flag[o] = 1
+                        cnt[C_PF_ISSUED] += 1
+                        cnt[C_PF_BYTES] += obj_bytes[o]
+                    else:
+                        cnt[C_PF_DROPPED] += 1
+                elif st.status[o] == RESIDENT:
+                    touch(st, o)
+        acc_layer[lay] += a1 - a0
+        for a in range(a0, a1):
+            o = obj[a]
+            st.ip[IP_CLOCK] += 1
+            st.obj_next[o] = next_use[a]
+            s = st.status[o]
+            if s == RESIDENT:
+                cnt[C_HITS] += 1
+                hits_layer[lay] += 1
+                touch(st, o)
+                if pf_flag[o] != 0:
+                    pf_flag[o] = 0
+                    cnt[C_PF_USED] += 1
+            elif s == PINNED:
+                cnt[C_HITS] += 1
+                hits_layer[lay] += 1
+            else:
+                cnt[C_MISSES] += 1
+                cnt[C_BYTES] += obj_bytes[o]
+                if nocache:
+                    observe_miss(st, o)
+                elif _make_room(st, o, b, atomic, False, cnt, pf_flag, need_by, arrive, 0.0):
+                    admit(st, o, RESIDENT)
+                else:
+                    observe_miss(st, o)
+            if atomic:
+                st.pin[o] = b + 3
+
+
+# --------------------------------------------------------------------------- timed mode
+@njit(cache=True)
+def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
+    i = cnt[C_EVENTS]
+    if i < ev_kind.shape[0]:
+        ev_kind[i] = kind
+        ev_grp[i] = g
+        ev_obj[i] = o
+        ev_t0[i] = t0
+        ev_t1[i] = t1
+        cnt[C_EVENTS] = i + 1
+
+
+@njit(cache=True)
+def _advance(t, flush_demand, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+             ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+    """Start queued transfers on free copy engines.
+
+    ``pend`` rows: (object, class 0 demand / 1 prefetch, issue order); ``pend_t``: issue time. Without
+    ``flush_demand``: start every transfer that can start by time ``t``. With it: start every
+    queued demand transfer, whenever an engine frees (demand outranks prefetch).
+    Returns the new queue length.
+    """
+    n_eng = eng.shape[0]
+    while npend > 0:
+        e = 0
+        f = eng[0]
+        for i in range(1, n_eng):
+            if eng[i] < f:
+                f = eng[i]
+                e = i
+        bi = 0
+        for i in range(1, npend):
+            if pend[i, 1] < pend[bi, 1] or (pend[i, 1] == pend[bi, 1] and pend[i, 2] < pend[bi, 2]):
+                bi = i
+        if flush_demand:
+            if pend[bi, 1] != 0:
+                break
+        elif f > t:
+            break
+        o = pend[bi, 0]
+        issue = pend_t[bi]
+        start = max(f, issue)
+        dur = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
+        end = start + dur
+        eng[e] = end
+        arrive[o] = end
+        fl[F_LINK_BUSY] += dur
+        cnt[C_BYTES] += obj_bytes[o]
+        kind = EV_DEMAND if pend[bi, 1] == 0 else EV_PREFETCH
+        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, start, end)
+        npend -= 1
+        pend[bi, :] = pend[npend, :]
+        pend_t[bi] = pend_t[npend]
+    return npend
+
+
+@njit(cache=True)
+def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use, atomic,
+                 pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
+                 stall_layer, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+    """Timed replay: a compute stream, a link of ``hw[H_ENGINES]`` copy engines, the cache.
+
+    Per group: dense work, then the gate is known (``t_gate``); hits are ready at once, misses
+    are fetched on demand (queued ahead of prefetches), experts compute one after another in
+    the order they become ready; the compute stream stalls while the next expert is in flight.
+    At ``t_gate`` the prefetch lists issued by this group (``pf_off``/``pf_obj`` with target
+    groups ``pf_tgt``) are queued behind demand fetches.
+    """
+    n_groups = g_layer.shape[0]
+    n_obj = st.status.shape[0]
+    nocache = st.ip[IP_STRUCT] == STRUCT_NONE
+    n_eng = int(hw[H_ENGINES])
+    eng = np.zeros(n_eng, np.float64)
+    arrive = np.full(n_obj, INF, np.float64)
+    need_by = np.full(n_obj, BIG, np.int64)
+    pf_flag = np.zeros(n_obj, np.int8)
+    pend = np.zeros((n_obj + 1, 3), np.int64)
+    pend_t = np.zeros(n_obj + 1, np.float64)
+    npend = 0
+    seq = 0
+    m_ready = np.zeros(n_obj, np.float64)
+    m_state = np.zeros(n_obj, np.int8)  # 0 waiting, 1 deferred (no slot yet), 2 computed
+    m_late = np.zeros(n_obj, np.int8)
+    for o in range(n_obj):
+        if st.status[o] == RESIDENT or st.status[o] == PINNED:
+            arrive[o] = 0.0
+    cur = 0.0
+    step_start = 0.0
+    step_tokens = 0
+    step_decode = True
+    for g in range(n_groups):
+        a0 = g_off[g]
+        a1 = g_off[g + 1]
+        m = a1 - a0
+        b = 4 * g
+        lay = g_layer[g]
+        ntok = g_pre[g] + g_dec[g]
+        if g == 0 or g_step[g] != g_step[g - 1]:
+            if g > 0:
+                _close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
+            step_start = cur
+            step_tokens = ntok
+            step_decode = g_pre[g] == 0
+        # dense part of the layer, then the gate's decision is known
+        dense = hw[H_DENSE] + hw[H_DENSE_TOK] * ntok
+        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DENSE, g, -1, cur, cur + dense)
+        fl[F_DENSE] += dense
+        cur += dense
+        now = cur
+        npend = _advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+                         ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        # cancel queued prefetches whose target group has passed
+        i = 0
+        while i < npend:
+            o = pend[i, 0]
+            if pend[i, 1] == 1 and need_by[o] < g:
+                npend -= 1
+                pend[i, :] = pend[npend, :]
+                pend_t[i] = pend_t[npend]
+                remove(st, o)
+                arrive[o] = INF
+                need_by[o] = BIG
+                pf_flag[o] = 0
+                cnt[C_PF_CANCELLED] += 1
+            else:
+                i += 1
+        if atomic:
+            for a in range(a0, a1):
+                st.pin[obj[a]] = b + 1
+        acc_layer[lay] += m
+        # classify every needed expert; issue demand fetches
+        n_deferred = 0
+        for a in range(a0, a1):
+            k = a - a0
+            o = obj[a]
+            st.ip[IP_CLOCK] += 1
+            st.obj_next[o] = next_use[a]
+            s = st.status[o]
+            m_state[k] = 0
+            m_late[k] = 0
+            if s == PINNED or (s == RESIDENT) or (s == IN_FLIGHT and arrive[o] <= now):
+                cnt[C_HITS] += 1
+                hits_layer[lay] += 1
+                m_ready[k] = now
+                if s != PINNED:
+                    touch(st, o)
+                if pf_flag[o] != 0:
+                    pf_flag[o] = 0
+                    cnt[C_PF_USED] += 1
+            elif s == IN_FLIGHT and not nocache:
+                cnt[C_INFLIGHT_HITS] += 1
+                touch(st, o)
+                m_ready[k] = -1.0  # read arrive[o] after the demand flush
+                if pf_flag[o] != 0:
+                    pf_flag[o] = 0
+                    cnt[C_PF_USED] += 1
+                    cnt[C_PF_LATE] += 1
+                    m_late[k] = 1
+                for i in range(npend):  # still queued: it is now a demand fetch
+                    if pend[i, 0] == o:
+                        pend[i, 1] = 0
+            else:
+                cnt[C_MISSES] += 1
+                m_ready[k] = -1.0
+                if nocache:
+                    observe_miss(st, o)
+                    st.status[o] = IN_FLIGHT
+                    ok = True
+                else:
+                    ok = _make_room(st, o, b, atomic, True, cnt, pf_flag, need_by, arrive, now)
+                    if ok:
+                        admit(st, o, IN_FLIGHT)
+                if ok:
+                    arrive[o] = INF
+                    pend[npend, 0] = o
+                    pend[npend, 1] = 0
+                    pend[npend, 2] = seq
+                    pend_t[npend] = now
+                    npend += 1
+                    seq += 1
+                else:
+                    m_state[k] = 1
+                    n_deferred += 1
+                    cnt[C_DEFERRED] += 1
+            if need_by[o] <= g:
+                need_by[o] = BIG
+            st.pin[o] = b + 2
+        npend = _advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+                         ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        for k in range(m):
+            if m_ready[k] < 0.0 and m_state[k] == 0:
+                m_ready[k] = arrive[obj[a0 + k]]
+        # prefetches issued at this gate, queued behind the demand fetches
+        if not nocache:
+            for j in range(pf_off[g], pf_off[g + 1]):
+                o = pf_obj[j]
+                tgt = pf_tgt[j]
+                if st.status[o] == ABSENT:
+                    p = st.part[o]
+                    ok = st.size[o] <= st.cap[p]
+                    while ok and st.used[p] + st.size[o] > st.cap[p]:
+                        v = victim(st, p, b + 1, b + 3, need_by, tgt, arrive, now)
+                        if v < 0:
+                            ok = False
+                        else:
+                            _evict(st, v, cnt, pf_flag)
+                    if ok:
+                        admit(st, o, IN_FLIGHT)
+                        arrive[o] = INF
+                        need_by[o] = tgt
+                        pf_flag[o] = 1
+                        cnt[C_PF_ISSUED] += 1
+                        cnt[C_PF_BYTES] += obj_bytes[o]
+                        pend[npend, 0] = o
+                        pend[npend, 1] = 1
+                        pend[npend, 2] = seq
+                        pend_t[npend] = now
+                        npend += 1
+                        seq += 1
+                    else:
+                        cnt[C_PF_DROPPED] += 1
+                elif tgt < need_by[o]:
+                    need_by[o] = tgt
+        # compute the experts in the order they become ready
+        done = 0
+        while done < m:
+            best = -1
+            for k in range(m):
+                if m_state[k] == 0 and (best < 0 or m_ready[k] < m_ready[best]):
+                    best = k
+            if best < 0:
+                # every remaining expert waits for a slot that nothing can give up yet:
+                # cancel queued prefetches, else wait for the earliest transfer to land
+                freed = False
+                i = 0
+                while i < npend:
+                    o = pend[i, 0]
+                    if pend[i, 1] == 1:
+                        npend -= 1
+                        pend[i, :] = pend[npend, :]
+                        pend_t[i] = pend_t[npend]
+                        remove(st, o)
+                        arrive[o] = INF
+                        need_by[o] = BIG
+                        pf_flag[o] = 0
+                        cnt[C_PF_CANCELLED] += 1
+                        freed = True
+                    else:
+                        i += 1
+                if not freed:
+                    t_land = INF
+                    for o in range(n_obj):
+                        if st.status[o] == IN_FLIGHT and arrive[o] > cur and arrive[o] < t_land:
+                            t_land = arrive[o]
+                    if t_land == INF:
+                        break
+                    fl[F_STALL] += t_land - cur
+                    stall_layer[lay] += t_land - cur
+                    _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, -1, cur, t_land)
+                    cur = t_land
+                npend, n_deferred = _issue_deferred(
+                    st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
+                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
+                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
+                )  # fmt: skip
+                seq += m
+                continue
+            o = obj[a0 + best]
+            start = max(cur, m_ready[best])
+            if start > cur:
+                fl[F_STALL] += start - cur
+                stall_layer[lay] += start - cur
+                if m_late[best] != 0:
+                    fl[F_LATE_STALL] += start - cur
+                _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, o, cur, start)
+            dur = hw[H_EXPERT] + hw[H_EXPERT_TOK] * count[a0 + best]
+            _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_COMPUTE, g, o, start, start + dur)
+            cur = start + dur
+            fl[F_COMPUTE] += dur
+            m_state[best] = 2
+            done += 1
+            st.pin[o] = b + 3
+            if nocache:
+                st.status[o] = ABSENT
+                arrive[o] = INF
+            if n_deferred > 0:
+                # a computed expert may now give up its slot: fetch the deferred experts
+                npend, n_deferred = _issue_deferred(
+                    st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
+                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
+                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
+                )  # fmt: skip
+                seq += m
+    if n_groups > 0:
+        _close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
+    fl[F_TOTAL] = cur
+    fl[F_COMPUTE] += fl[F_DENSE]
+
+
+@njit(cache=True)
+def _close_step(dur, tokens, decode, cnt, fl):
+    if decode:
+        fl[F_DECODE_TIME] += dur
+        cnt[C_DECODE_TOKENS] += tokens
+        cnt[C_DECODE_STEPS] += 1
+    else:
+        fl[F_PREFILL_TIME] += dur
+        cnt[C_PREFILL_TOKENS] += tokens
+        cnt[C_PREFILL_STEPS] += 1
+
+
+@njit(cache=True)
+def _issue_deferred(st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
+                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
+                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+    """Fetch deferred experts of the group (in access order) for which a slot can be freed."""
+    npend = _advance(cur, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+    issued = False
+    for k in range(m):
+        if m_state[k] != 1:
+            continue
+        od = obj[a0 + k]
+        if not _make_room(st, od, b, atomic, True, cnt, pf_flag, need_by, arrive, cur):
+            break
+        admit(st, od, IN_FLIGHT)
+        arrive[od] = INF
+        pend[npend, 0] = od
+        pend[npend, 1] = 0
+        pend[npend, 2] = seq + k
+        pend_t[npend] = cur
+        npend += 1
+        m_state[k] = 3  # issued, ready time read after the flush
+        n_deferred -= 1
+        issued = True
+    if issued:
+        npend = _advance(cur, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+                         ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        for k in range(m):
+            if m_state[k] == 3:
+                m_ready[k] = arrive[obj[a0 + k]]
+                m_state[k] = 0
+    return npend, n_deferred
