@@ -11,7 +11,7 @@ from numba import njit
 
 from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
 from policies.spec import STRUCT_HEAP, STRUCT_LIST
-from policies.state import IN_FLIGHT, IP_INSERTS, IP_POLICY, IP_STRUCT, RESIDENT
+from policies.state import IN_FLIGHT, IP_EVENTS, IP_INSERTS, IP_POLICY, IP_STRUCT, RESIDENT
 from policies.structures import (
     heap_push,
     heap_remove,
@@ -53,6 +53,7 @@ def admit(st, o, status):
     st.status[o] = status
     st.used[st.part[o]] += st.size[o]
     st.ip[IP_INSERTS] += 1
+    st.ip[IP_EVENTS] += 1
     _on_access(st, o, True)
     s = structure_of(st)
     if s == STRUCT_LIST:
@@ -64,6 +65,7 @@ def admit(st, o, status):
 @njit(cache=True)
 def touch(st, o):
     """A use of the cached object ``o``."""
+    st.ip[IP_EVENTS] += 1
     _on_access(st, o, False)
     if structure_of(st) == STRUCT_HEAP:
         heap_update(st, o)
@@ -74,6 +76,7 @@ def observe_miss(st, o):
     """A use of an object that is not cached and will not be admitted (keeps global counts)."""
     pid = st.ip[IP_POLICY]
     if pid == lfu_perfect.PID or pid == lfu_aged.PID:
+        st.ip[IP_EVENTS] += 1
         _on_access(st, o, True)
 
 

@@ -11,7 +11,7 @@ import math
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, Param, PolicySpec
-from policies.state import FP_0, FP_1, IP_CLOCK
+from policies.state import FP_0, FP_1, IP_CLOCK, IP_EVENTS
 from policies.structures import heap_rescale_k1
 
 PID = 5
@@ -40,4 +40,4 @@ def on_access(st, o, is_insert):
         w = 1.0
     st.freq[o] += w
     st.k1[o] = st.freq[o]
-    st.k2[o] = st.ip[IP_CLOCK]
+    st.k2[o] = st.ip[IP_EVENTS]

@@ -7,7 +7,7 @@ Ties: least recently used first.
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, PolicySpec
-from policies.state import IP_CLOCK
+from policies.state import IP_EVENTS
 
 PID = 4
 SPEC = PolicySpec("lfu-perfect", PID, STRUCT_HEAP, "fewest uses over the whole run (counts survive eviction)")
@@ -17,4 +17,4 @@ SPEC = PolicySpec("lfu-perfect", PID, STRUCT_HEAP, "fewest uses over the whole r
 def on_access(st, o, is_insert):
     st.freq[o] += 1.0
     st.k1[o] = st.freq[o]
-    st.k2[o] = st.ip[IP_CLOCK]
+    st.k2[o] = st.ip[IP_EVENTS]

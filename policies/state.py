@@ -23,6 +23,7 @@ IP_POLICY = 0  # policy id
 IP_CLOCK = 1  # logical clock: accesses seen so far
 IP_INSERTS = 2  # insertions so far (FIFO order of arrival)
 IP_STRUCT = 3  # STRUCT_LIST / STRUCT_HEAP / STRUCT_NONE of the policy
+IP_EVENTS = 4  # admissions and touches so far: a unique, increasing tie-break stamp
 
 # fp (float parameters) slots: policy-specific, documented by each policy
 FP_0 = 0

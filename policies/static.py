@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, PolicySpec
-from policies.state import IP_CLOCK
+from policies.state import IP_EVENTS
 
 
 def prepare(st, ctx):
@@ -41,4 +41,4 @@ SPEC = PolicySpec(
 @njit(cache=True, inline="always")
 def on_access(st, o, is_insert):
     st.k1[o] = st.freq[o]
-    st.k2[o] = st.ip[IP_CLOCK]
+    st.k2[o] = st.ip[IP_EVENTS]

@@ -1,0 +1,40 @@
+"""Where numba keeps moesim's compiled kernels: a folder named by a hash of moesim's sources.
+
+numba's on-disk cache checks only the timestamp of the file that defines a kernel, not of the
+files whose jitted functions it inlines (a policy's hooks are inlined into the replay kernels),
+so an edited policy could silently run stale machine code. Keying the cache folder on the
+source of every moesim package makes that impossible. Set NUMBA_CACHE_DIR to override.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numba
+
+_ROOT = Path(__file__).resolve().parents[1]
+_PACKAGES = ("traces", "simulator", "policies")
+
+
+def source_hash() -> str:
+    h = hashlib.sha1()
+    for pkg in _PACKAGES:
+        for f in sorted((_ROOT / pkg).rglob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def configure() -> str:
+    """Point numba's cache at the per-source folder (unless NUMBA_CACHE_DIR is set)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "moesim" / "numba" / source_hash()
+    numba.config.CACHE_DIR = str(folder)
+    return str(folder)
+
+
+CACHE_DIR = configure()
