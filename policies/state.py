@@ -37,6 +37,7 @@ class CacheState(NamedTuple):
     status (int8[O]): ABSENT / RESIDENT / IN_FLIGHT / PINNED.
     part (int32[O]): partition of each object.
     size (int64[O]): size units an object takes (1 for slot budgets, bytes for byte budgets).
+    nbytes (int64[O]): bytes of each object's weights (what a transfer moves).
     pin (int64[O]): protection stamp relative to the current group (see kernels).
     k1 (float64[O]), k2 (int64[O]): heap keys; the victim is the smallest (k1, k2).
     freq (float64[O]): counts that outlive residency (perfect/aged LFU, static profile).
@@ -53,6 +54,7 @@ class CacheState(NamedTuple):
     status: np.ndarray
     part: np.ndarray
     size: np.ndarray
+    nbytes: np.ndarray
     pin: np.ndarray
     k1: np.ndarray
     k2: np.ndarray
@@ -79,6 +81,7 @@ def new_state(
     cap: np.ndarray,
     hbase: np.ndarray,
     fparams: tuple[float, ...] = (),
+    nbytes: np.ndarray | None = None,
 ) -> CacheState:
     """An empty cache. ``part``/``size`` per object, ``cap``/``hbase`` per partition."""
     n_obj = int(part.shape[0])
@@ -99,6 +102,7 @@ def new_state(
         status=np.zeros(n_obj, np.int8),
         part=np.ascontiguousarray(part, dtype=np.int32),
         size=np.ascontiguousarray(size, dtype=np.int64),
+        nbytes=np.ascontiguousarray(size if nbytes is None else nbytes, dtype=np.int64),
         pin=np.full(n_obj, -1, np.int64),
         k1=np.zeros(n_obj, np.float64),
         k2=np.zeros(n_obj, np.int64),

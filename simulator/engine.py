@@ -184,7 +184,7 @@ def run(
     geo = geometry(prep, cfg, nocache)
     acc = prep.acc
     st = new_state(spec.pid, spec.structure, geo.part, geo.size, geo.cap, geo.hbase,
-                   _fparams(spec, values))  # fmt: skip
+                   _fparams(spec, values), nbytes=prep.obj_bytes)  # fmt: skip
     st.obj_next[:] = prep.first_use
     pinned = _pinned_objects(prep, cfg.cache.pinned)
     if pinned.size and not nocache:
@@ -309,10 +309,14 @@ def _result(prep, cfg, name, policy_text, geo, cnt, fl, hits_layer, acc_layer, s
         "hit_rate": hits / accesses if accesses else 0.0,
         "evictions": int(cnt[K.C_EVICTIONS]),
         "forced_evictions": int(cnt[K.C_FORCED]),
+        "deferred_fetches": int(cnt[K.C_DEFERRED]),
+        "capacity_overflows": int(cnt[K.C_OVERFLOW]),
         "bytes_moved": int(cnt[K.C_BYTES]),
         "prefetch_issued": int(cnt[K.C_PF_ISSUED]),
         "prefetch_used": int(cnt[K.C_PF_USED]),
         "prefetch_wasted": int(cnt[K.C_PF_WASTED]),
+        "prefetch_bytes": int(cnt[K.C_PF_BYTES]),
+        "prefetch_wasted_bytes": int(cnt[K.C_PF_WASTED_BYTES]),
         "prefetch_late": int(cnt[K.C_PF_LATE]),
         "prefetch_cancelled": int(cnt[K.C_PF_CANCELLED]),
         "prefetch_dropped": int(cnt[K.C_PF_DROPPED]),

@@ -41,7 +41,8 @@ C_DECODE_TOKENS = 16
 C_DECODE_STEPS = 17
 C_PREFILL_STEPS = 18
 C_PF_BYTES = 19
-N_COUNTERS = 20
+C_OVERFLOW = 20  # times a partition held more than its capacity (must stay 0)
+N_COUNTERS = 21
 
 # float accumulators (fl), seconds
 F_TOTAL = 0
@@ -80,7 +81,7 @@ def _evict(st, v, cnt, pf_flag):
     if pf_flag[v] != 0:
         pf_flag[v] = 0
         cnt[C_PF_WASTED] += 1
-        cnt[C_PF_WASTED_BYTES] += st.size[v]
+        cnt[C_PF_WASTED_BYTES] += st.nbytes[v]
 
 
 @njit(cache=True)
@@ -180,6 +181,19 @@ def replay_count(st, g_off, g_layer, obj, next_use, atomic, pf_off, pf_obj, rese
                     observe_miss(st, o)
             if atomic:
                 st.pin[o] = b + 3
+            if st.used[st.part[o]] > st.cap[st.part[o]]:
+                cnt[C_OVERFLOW] += 1
+    _unused_prefetches(st, pf_flag, cnt)
+
+
+@njit(cache=True)
+def _unused_prefetches(st, pf_flag, cnt):
+    """Prefetched experts never used by the end of the run count as wasted."""
+    for o in range(pf_flag.shape[0]):
+        if pf_flag[o] != 0:
+            pf_flag[o] = 0
+            cnt[C_PF_WASTED] += 1
+            cnt[C_PF_WASTED_BYTES] += st.nbytes[o]
 
 
 # --------------------------------------------------------------------------- timed mode
@@ -294,21 +308,6 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
         now = cur
         npend = _advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
-        # cancel queued prefetches whose target group has passed
-        i = 0
-        while i < npend:
-            o = pend[i, 0]
-            if pend[i, 1] == 1 and need_by[o] < g:
-                npend -= 1
-                pend[i, :] = pend[npend, :]
-                pend_t[i] = pend_t[npend]
-                remove(st, o)
-                arrive[o] = INF
-                need_by[o] = BIG
-                pf_flag[o] = 0
-                cnt[C_PF_CANCELLED] += 1
-            else:
-                i += 1
         if atomic:
             for a in range(a0, a1):
                 st.pin[obj[a]] = b + 1
@@ -370,6 +369,23 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
             if need_by[o] <= g:
                 need_by[o] = BIG
             st.pin[o] = b + 2
+            if not nocache and st.used[st.part[o]] > st.cap[st.part[o]]:
+                cnt[C_OVERFLOW] += 1
+        # queued prefetches aimed at this group or earlier that it did not need: drop them
+        i = 0
+        while i < npend:
+            o = pend[i, 0]
+            if pend[i, 1] == 1 and need_by[o] <= g:
+                npend -= 1
+                pend[i, :] = pend[npend, :]
+                pend_t[i] = pend_t[npend]
+                remove(st, o)
+                arrive[o] = INF
+                need_by[o] = BIG
+                pf_flag[o] = 0
+                cnt[C_PF_CANCELLED] += 1
+            else:
+                i += 1
         npend = _advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
         for k in range(m):
@@ -478,6 +494,7 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                 seq += m
     if n_groups > 0:
         _close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
+    _unused_prefetches(st, pf_flag, cnt)
     fl[F_TOTAL] = cur
     fl[F_COMPUTE] += fl[F_DENSE]
 
