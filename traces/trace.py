@@ -62,9 +62,12 @@ class Trace:
 
     @property
     def num_tokens(self) -> int:
-        """Distinct (seq, pos) tokens."""
-        first_layer = self.layer == self.layer.min() if self.num_rows else self.layer
-        return int(np.count_nonzero(first_layer)) if self.num_rows else 0
+        """Distinct (seq, pos) tokens (a token need not have a row at every layer)."""
+        if not self.num_rows:
+            return 0
+        order = np.lexsort((self.pos, self.seq))
+        s, p = self.seq[order], self.pos[order]
+        return int(1 + np.count_nonzero((s[1:] != s[:-1]) | (p[1:] != p[:-1])))
 
     def row_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)

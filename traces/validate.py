@@ -88,11 +88,23 @@ def validate_trace(trace: Trace) -> None:
     meta = trace.meta
     meta.validate(where)
     n = trace.num_rows
-    for name in ("seq", "pos", "phase", "layer"):
-        if getattr(trace, name).shape[0] != n:
-            raise TraceError(f"{where}: column '{name}': expected {n} rows")
-    if trace.offsets.shape[0] != n + 1 or (n and trace.offsets[-1] != trace.experts.shape[0]):
-        raise TraceError(f"{where}: column 'experts': list offsets do not match the row count")
+    for name in ("step", "seq", "pos", "phase", "layer", "offsets", "experts"):
+        arr = getattr(trace, name)
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "iu":
+            got = (
+                f"{arr.dtype} of shape {arr.shape}"
+                if isinstance(arr, np.ndarray)
+                else type(arr).__name__
+            )
+            raise TraceError(
+                f"{where}: column '{name}': expected a 1-D {np.dtype(_DTYPES[name])} array, "
+                f"got {got} (build traces with trace_from_arrays)"
+            )
+    for name in ("seq", "pos", "phase", "layer", "token_id", "token"):
+        arr = getattr(trace, name)
+        if arr is not None and arr.shape[0] != n:
+            raise TraceError(f"{where}: column '{name}': expected {n} rows, got {arr.shape[0]}")
+    _check_offsets(where, "experts", trace.offsets, trace.experts.shape[0], n)
     epl = np.asarray(meta.experts_per_layer, dtype=np.int64)
     seq_values, seq_idx = np.unique(trace.seq, return_inverse=True)
     top_k = -1 if meta.top_k is None else int(meta.top_k)
@@ -109,8 +121,9 @@ def validate_trace(trace: Trace) -> None:
         row = int(np.searchsorted(trace.offsets, bad, side="right") - 1)
         raise TraceError(f"{where}: column 'weights': row {row}: expected finite gate weights")
     for h, (offs, ids) in sorted(trace.preds.items()):
-        if offs.shape[0] != n + 1:
-            raise TraceError(f"{where}: column 'pred_h{h}': list offsets do not match the rows")
+        offs = np.asarray(offs, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int16)
+        _check_offsets(where, f"pred_h{h}", offs, ids.shape[0], n)
         row, value = _check_ids(trace.layer, offs, ids, epl)
         if row >= 0:
             lay = int(trace.layer[row])
@@ -118,6 +131,31 @@ def validate_trace(trace: Trace) -> None:
                 f"{where}: column 'pred_h{h}': row {row}: expected expert ids in "
                 f"0..{meta.experts_per_layer[lay] - 1} for layer {lay}, got {value}"
             )
+
+
+_DTYPES = {"step": np.int64, "seq": np.int64, "pos": np.int32, "phase": np.int8,
+           "layer": np.int16, "offsets": np.int64, "experts": np.int16}  # fmt: skip
+
+
+def _check_offsets(where: str, name: str, offsets: np.ndarray, nnz: int, n: int) -> None:
+    """CSR offsets of a list column: n+1 of them, from 0, non-decreasing, ending at nnz."""
+    if offsets.ndim != 1 or offsets.shape[0] != n + 1:
+        raise TraceError(
+            f"{where}: column '{name}': expected {n + 1} list offsets (rows + 1), "
+            f"got {offsets.shape[0] if offsets.ndim == 1 else offsets.shape}"
+        )
+    if offsets[0] != 0 or offsets[-1] != nnz:
+        raise TraceError(
+            f"{where}: column '{name}': expected list offsets from 0 to {nnz} (the number of "
+            f"values), got {offsets[0]}..{offsets[-1]}"
+        )
+    steps = np.diff(offsets)
+    if steps.size and steps.min() < 0:
+        row = int(np.argmax(steps < 0))
+        raise TraceError(
+            f"{where}: column '{name}': row {row}: expected non-decreasing list offsets, "
+            f"got {offsets[row]} then {offsets[row + 1]}"
+        )
 
 
 def _describe(trace: Trace, code: int, row: int, detail: int) -> str:
@@ -135,13 +173,24 @@ def _describe(trace: Trace, code: int, row: int, detail: int) -> str:
     if code == _STEP:
         return f"column 'step': row {row}: expected a step >= 0, got {detail}"
     if code == _DUPLICATE:
-        return f"row {row}: duplicated (step, layer, seq, pos) {key}"
+        return (
+            f"row {row}: duplicated (step, layer, seq, pos) {key}: expected each key once "
+            f"(as in row {row - 1})"
+        )
     if code == _UNSORTED:
-        return f"row {row}: rows must be sorted by (step, layer, seq, pos); {key} comes too late"
+        prev = (
+            f"(step={trace.step[row - 1]}, layer={trace.layer[row - 1]}, "
+            f"seq={trace.seq[row - 1]}, pos={trace.pos[row - 1]})"
+        )
+        return (
+            f"row {row}: expected rows sorted by (step, layer, seq, pos), but {key} "
+            f"comes after {prev}"
+        )
     if code == _TOKEN_ORDER:
         return (
-            f"row {row}: duplicated or out-of-order (seq, pos, layer): {key} follows pos "
-            f"{detail} of the same sequence and layer in an earlier row"
+            f"row {row}: duplicated or out-of-order (seq, pos, layer): {key}: expected pos > "
+            f"{detail}, the pos of seq {trace.seq[row]} at layer {trace.layer[row]} in an "
+            f"earlier row (positions of a sequence rise with step)"
         )
     if code == _TOPK:
         return (
