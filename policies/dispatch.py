@@ -1,8 +1,9 @@
 """The request path's policy calls, written once for all policies.
 
-Kernels call :func:`admit`, :func:`touch`, :func:`remove` and :func:`victim`; these do the
-structure work (list or heap) and branch on the policy id to the policy's ``on_access`` hook.
-One branch per policy: a chain of integer comparisons numba compiles into the kernel.
+Kernels call :func:`admit`, :func:`touch`, :func:`observe_miss`, :func:`remove` and
+:func:`victim`; these do the structure work (list or heap) and branch on the policy id to the
+policy's ``on_access`` hook: a chain of integer comparisons that numba compiles into the kernel.
+Registering a policy adds one import and one branch in :func:`on_access`.
 """
 
 from __future__ import annotations
@@ -11,91 +12,110 @@ from numba import njit
 
 from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
 from policies.spec import STRUCT_HEAP, STRUCT_LIST
-from policies.state import IN_FLIGHT, IP_EVENTS, IP_INSERTS, IP_POLICY, IP_STRUCT, RESIDENT
+from policies.state import (
+    IN_FLIGHT,
+    IP_COUNTS_MISSES,
+    IP_EVENTS,
+    IP_INSERTS,
+    IP_MOVE_ON_HIT,
+    IP_POLICY,
+    IP_STRUCT,
+    L_PREV,
+    OF_K1,
+    OI_K2,
+    OI_PART,
+    OI_PIN,
+    OI_SIZE,
+    P_HBASE,
+    P_HLEN,
+    P_USED,
+    RESIDENT,
+)
 from policies.structures import (
     heap_push,
     heap_remove,
     heap_update,
+    list_move_front,
     list_push_front,
     list_unlink,
 )
+from traces._jit import HOT
 
 
-@njit(cache=True, inline="always")
-def structure_of(st):
-    return st.ip[IP_STRUCT]
-
-
-@njit(cache=True)
-def _on_access(st, o, is_insert):
-    pid = st.ip[IP_POLICY]
+@njit(inline="always", **HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
+    """The policy's hook: update ``o``'s key after an admission (is_insert) or a hit."""
+    pid = ip[IP_POLICY]
     if pid == lru.PID:
-        lru.on_access(st, o, is_insert)
+        lru.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == fifo.PID:
-        fifo.on_access(st, o, is_insert)
+        fifo.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == lfu.PID:
-        lfu.on_access(st, o, is_insert)
+        lfu.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == lfu_perfect.PID:
-        lfu_perfect.on_access(st, o, is_insert)
+        lfu_perfect.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == lfu_aged.PID:
-        lfu_aged.on_access(st, o, is_insert)
+        lfu_aged.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == belady.PID:
-        belady.on_access(st, o, is_insert)
+        belady.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == static.PID:
-        static.on_access(st, o, is_insert)
+        static.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == no_cache.PID:
-        no_cache.on_access(st, o, is_insert)
+        no_cache.on_access(oi, of, ip, fp, o, is_insert)
 
 
-@njit(cache=True)
-def admit(st, o, status):
-    """Put ``o`` (not cached) into its partition with ``status`` (RESIDENT or IN_FLIGHT)."""
-    st.status[o] = status
-    st.used[st.part[o]] += st.size[o]
-    st.ip[IP_INSERTS] += 1
-    st.ip[IP_EVENTS] += 1
-    _on_access(st, o, True)
-    s = structure_of(st)
+@njit(inline="always", **HOT)
+def admit(status, oi, of, links, heap, parts, ip, fp, o, new_status):
+    """Put ``o`` (not cached) into its partition with ``new_status`` (RESIDENT or IN_FLIGHT)."""
+    status[o] = new_status
+    parts[oi[o, OI_PART], P_USED] += oi[o, OI_SIZE]
+    ip[IP_INSERTS] += 1
+    ip[IP_EVENTS] += 1
+    on_access(oi, of, ip, fp, o, True)
+    s = ip[IP_STRUCT]
     if s == STRUCT_LIST:
-        list_push_front(st, o)
+        list_push_front(links, parts, oi, o)
     elif s == STRUCT_HEAP:
-        heap_push(st, o)
+        heap_push(heap, parts, oi, of, o)
 
 
-@njit(cache=True)
-def touch(st, o):
+@njit(inline="always", **HOT)
+def touch(oi, of, links, heap, parts, ip, fp, o):
     """A use of the cached object ``o``."""
-    st.ip[IP_EVENTS] += 1
-    _on_access(st, o, False)
-    if structure_of(st) == STRUCT_HEAP:
-        heap_update(st, o)
-
-
-@njit(cache=True)
-def observe_miss(st, o):
-    """A use of an object that is not cached and will not be admitted (keeps global counts)."""
-    pid = st.ip[IP_POLICY]
-    if pid == lfu_perfect.PID or pid == lfu_aged.PID:
-        st.ip[IP_EVENTS] += 1
-        _on_access(st, o, True)
-
-
-@njit(cache=True)
-def remove(st, o):
-    """Take ``o`` out of the cache (eviction or cancelled prefetch)."""
-    s = structure_of(st)
+    ip[IP_EVENTS] += 1
+    on_access(oi, of, ip, fp, o, False)
+    s = ip[IP_STRUCT]
     if s == STRUCT_LIST:
-        list_unlink(st, o)
+        if ip[IP_MOVE_ON_HIT] != 0:
+            list_move_front(links, parts, oi, o)
     elif s == STRUCT_HEAP:
-        heap_remove(st, o)
-    st.status[o] = 0
-    st.used[st.part[o]] -= st.size[o]
+        heap_update(heap, parts, oi, of, o)
 
 
-@njit(cache=True, inline="always")
-def evictable(st, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+@njit(inline="always", **HOT)
+def observe_miss(oi, of, ip, fp, o):
+    """A use of an object that is not cached and will not be admitted (keeps global counts)."""
+    if ip[IP_COUNTS_MISSES] != 0:
+        ip[IP_EVENTS] += 1
+        on_access(oi, of, ip, fp, o, True)
+
+
+@njit(inline="always", **HOT)
+def remove(status, oi, of, links, heap, parts, ip, o):
+    """Take ``o`` out of the cache (eviction or cancelled prefetch)."""
+    s = ip[IP_STRUCT]
+    if s == STRUCT_LIST:
+        list_unlink(links, o)
+    elif s == STRUCT_HEAP:
+        heap_remove(heap, parts, oi, of, o)
+    status[o] = 0
+    parts[oi[o, OI_PART], P_USED] -= oi[o, OI_SIZE]
+
+
+@njit(inline="always", **HOT)
+def evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
     """Resident (or arrived), not protected by a pin stamp in [pin_lo, pin_hi], not needed sooner."""
-    s = st.status[o]
+    s = status[o]
     if s == RESIDENT:
         pass
     elif s == IN_FLIGHT:
@@ -103,55 +123,57 @@ def evictable(st, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
             return False
     else:
         return False
-    pv = st.pin[o]
+    pv = oi[o, OI_PIN]
     if pv >= pin_lo and pv <= pin_hi:
         return False
     return need_by[o] > need_limit
 
 
-@njit(cache=True)
-def victim(st, p, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+@njit(inline="always", **HOT)
+def victim(status, oi, of, links, heap, parts, stash, ip, p, pin_lo, pin_hi, need_by, need_limit,
+           arrive, now):  # fmt: skip
     """The policy's first evictable object in partition ``p``, or -1 if none qualifies."""
-    s = structure_of(st)
+    s = ip[IP_STRUCT]
     if s == STRUCT_LIST:
-        sentinel = st.prev.shape[0] - st.cap.shape[0] + p
-        c = st.prev[sentinel]
+        sentinel = links.shape[0] - parts.shape[0] + p
+        c = links[sentinel, L_PREV]
         while c != sentinel:
-            if evictable(st, c, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+            if evictable(status, oi, c, pin_lo, pin_hi, need_by, need_limit, arrive, now):
                 return c
-            c = st.prev[c]
+            c = links[c, L_PREV]
         return -1
     if s != STRUCT_HEAP:
         return -1
-    base = st.hbase[p]
-    n = st.hlen[p]
+    base = parts[p, P_HBASE]
+    n = parts[p, P_HLEN]
     if n == 0:
         return -1
-    root = st.heap[base]
-    if evictable(st, root, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+    root = heap[base]
+    if evictable(status, oi, root, pin_lo, pin_hi, need_by, need_limit, arrive, now):
         return root
-    # Best-first search over the heap: the frontier holds heap positions (in st.stash).
-    frontier = st.stash
+    # Best-first search over the heap: the frontier holds heap positions (in stash).
     m = 0
     for c in (1, 2):
         if c < n:
-            frontier[m] = c
+            stash[m] = c
             m += 1
     while m > 0:
         best = 0
-        bo = st.heap[base + frontier[0]]
+        bo = heap[base + stash[0]]
         for j in range(1, m):
-            q = st.heap[base + frontier[j]]
-            if st.k1[q] < st.k1[bo] or (st.k1[q] == st.k1[bo] and st.k2[q] < st.k2[bo]):
+            q = heap[base + stash[j]]
+            if of[q, OF_K1] < of[bo, OF_K1] or (
+                of[q, OF_K1] == of[bo, OF_K1] and oi[q, OI_K2] < oi[bo, OI_K2]
+            ):
                 best = j
                 bo = q
-        i = frontier[best]
+        i = stash[best]
         m -= 1
-        frontier[best] = frontier[m]
-        if evictable(st, bo, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+        stash[best] = stash[m]
+        if evictable(status, oi, bo, pin_lo, pin_hi, need_by, need_limit, arrive, now):
             return bo
         for c in (2 * i + 1, 2 * i + 2):
             if c < n:
-                frontier[m] = c
+                stash[m] = c
                 m += 1
     return -1

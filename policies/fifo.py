@@ -3,11 +3,14 @@
 from numba import njit
 
 from policies.spec import STRUCT_LIST, PolicySpec
+from traces._jit import HOT
 
 PID = 2
-SPEC = PolicySpec("fifo", PID, STRUCT_LIST, "first expert in is the first evicted; hits change nothing")
+SPEC = PolicySpec(
+    "fifo", PID, STRUCT_LIST, "first expert in is the first evicted; hits change nothing"
+)
 
 
-@njit(cache=True, inline="always")
-def on_access(st, o, is_insert):
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
     pass

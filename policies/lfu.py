@@ -8,16 +8,19 @@ joins the back of its new count's list on every hit): key = (count, stamp of las
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, PolicySpec
-from policies.state import IP_EVENTS
+from policies.state import IP_EVENTS, OF_K1, OI_K2
+from traces._jit import HOT
 
 PID = 3
-SPEC = PolicySpec("lfu", PID, STRUCT_HEAP, "fewest uses since admission is evicted (ties: FIFO per count)")
+SPEC = PolicySpec(
+    "lfu", PID, STRUCT_HEAP, "fewest uses since admission is evicted (ties: FIFO per count)"
+)
 
 
-@njit(cache=True, inline="always")
-def on_access(st, o, is_insert):
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
     if is_insert:
-        st.k1[o] = 1.0
+        of[o, OF_K1] = 1.0
     else:
-        st.k1[o] += 1.0
-    st.k2[o] = st.ip[IP_EVENTS]
+        of[o, OF_K1] += 1.0
+    oi[o, OI_K2] = ip[IP_EVENTS]

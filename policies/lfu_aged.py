@@ -11,8 +11,8 @@ import math
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, Param, PolicySpec
-from policies.state import FP_0, FP_1, IP_CLOCK, IP_EVENTS
-from policies.structures import heap_rescale_k1
+from policies.state import FP_0, FP_1, IP_CLOCK, IP_EVENTS, OF_FREQ, OF_K1, OI_K2
+from traces._jit import HOT
 
 PID = 5
 SPEC = PolicySpec(
@@ -21,23 +21,30 @@ SPEC = PolicySpec(
     STRUCT_HEAP,
     "decayed use counts (halved every half_life accesses; counts survive eviction)",
     params=(Param("half_life", 1000.0, "accesses after which a use counts half", FP_0),),
+    counts_misses=True,
 )
 
-_RESCALE_AT = 1e250
+_RESCALE_LOG2 = 830.0  # rescale before 2**expo nears the float64 limit (2**1024)
 
 
-@njit(cache=True)
-def on_access(st, o, is_insert):
+@njit(**HOT)
+def _rescale(of, fp, expo):
+    """Divide every stored weight by 2**expo (same factor for all: the ranking is unchanged)."""
+    factor = math.pow(2.0, -expo)
+    for i in range(of.shape[0]):
+        of[i, OF_K1] *= factor
+        of[i, OF_FREQ] *= factor
+    fp[FP_1] += expo
+
+
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
     # fp[FP_1] holds log2 of the current scale (subtracted from the exponent).
-    expo = st.ip[IP_CLOCK] / st.fp[FP_0] - st.fp[FP_1]
+    expo = ip[IP_CLOCK] / fp[FP_0] - fp[FP_1]
+    if expo > _RESCALE_LOG2:
+        _rescale(of, fp, expo)
+        expo = 0.0
     w = math.pow(2.0, expo)
-    if w > _RESCALE_AT:
-        factor = 1.0 / w
-        heap_rescale_k1(st, factor)
-        for i in range(st.freq.shape[0]):
-            st.freq[i] *= factor
-        st.fp[FP_1] += expo
-        w = 1.0
-    st.freq[o] += w
-    st.k1[o] = st.freq[o]
-    st.k2[o] = st.ip[IP_EVENTS]
+    of[o, OF_FREQ] += w
+    of[o, OF_K1] = of[o, OF_FREQ]
+    oi[o, OI_K2] = ip[IP_EVENTS]

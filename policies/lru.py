@@ -3,13 +3,14 @@
 from numba import njit
 
 from policies.spec import STRUCT_LIST, PolicySpec
-from policies.structures import list_move_front
+from traces._jit import HOT
 
 PID = 1
-SPEC = PolicySpec("lru", PID, STRUCT_LIST, "least recently used expert is evicted")
+SPEC = PolicySpec(
+    "lru", PID, STRUCT_LIST, "least recently used expert is evicted", move_on_hit=True
+)
 
 
-@njit(cache=True, inline="always")
-def on_access(st, o, is_insert):
-    if not is_insert:
-        list_move_front(st, o)
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
+    pass  # the request path moves the expert to the recent end of the list (move_on_hit)

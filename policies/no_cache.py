@@ -3,11 +3,12 @@
 from numba import njit
 
 from policies.spec import STRUCT_NONE, PolicySpec
+from traces._jit import HOT
 
 PID = 8
 SPEC = PolicySpec("none", PID, STRUCT_NONE, "no expert cache: every access is fetched")
 
 
-@njit(cache=True, inline="always")
-def on_access(st, o, is_insert):
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
     pass

@@ -31,6 +31,9 @@ class PolicySpec:
         summary: one line for ``--help`` and docs.
         params: tunable parameters (``--policy NAME:key=value``).
         uses_future: True when the policy reads the trace's future (offline bounds such as Belady).
+        move_on_hit: list policies only: a hit moves the expert to the recent end (LRU).
+        counts_misses: the hook also runs for uses of experts that are not cached (policies
+            whose counts outlive residency), with ``is_insert`` True.
         prepare: optional Python hook ``prepare(state, context) -> initial residents (int array)``
             run once before replay (profiles, preloads); ``context`` is a :class:`PrepareContext`.
     """
@@ -41,4 +44,6 @@ class PolicySpec:
     summary: str
     params: tuple[Param, ...] = ()
     uses_future: bool = False
+    move_on_hit: bool = False
+    counts_misses: bool = False
     prepare: Callable | None = field(default=None, compare=False)

@@ -1,9 +1,14 @@
-"""Cache state shared by every policy: plain arrays in one NamedTuple (numba-cacheable).
+"""Cache state shared by every policy: a few flat arrays (numba-cacheable, cheap to pass).
 
 Objects are experts numbered across layers (``obj = layer_base[layer] + expert``). The cache is
 split into partitions: one for a global pool, one per layer for a per-layer partition. Each
 partition has a capacity in size units (slots, or bytes for a byte budget) and, for the policies
 that need them, a circular doubly-linked list and an indexed binary min-heap.
+
+Jitted code receives the arrays one by one, never the tuple: numba reference-counts every array
+of a tuple at each call, which costs about 100 ns per call for this state (measured).
+Per-object integer fields live in the columns of ``oi``, float fields in ``of``; the ``OI_*``,
+``OF_*`` and ``P_*`` constants name the columns.
 """
 
 from __future__ import annotations
@@ -18,14 +23,42 @@ RESIDENT = 1
 IN_FLIGHT = 2  # a transfer is queued or running; its slot is reserved
 PINNED = 3  # always resident (declared pinned); never evicted, never counted as a miss
 
-# ip (integer parameters) slots
+# oi: per-object integers
+OI_PART = 0  # partition of the object
+OI_SIZE = 1  # size units it takes (1 for slot budgets, bytes for byte budgets)
+OI_BYTES = 2  # bytes of its weights (what a transfer moves)
+OI_PIN = 3  # protection stamp relative to the current group (see simulator/kernels.py)
+OI_K2 = 4  # heap key, second part (tie-break)
+OI_NEXT = 5  # index of the object's next access (maintained by the kernels)
+OI_HPOS = 6  # position in its partition's heap, -1 when not in a heap
+N_OI = 7
+
+# of: per-object floats
+OF_K1 = 0  # heap key, first part: the victim is the smallest (k1, k2)
+OF_FREQ = 1  # counts that outlive residency (perfect/aged LFU, static profile)
+N_OF = 2
+
+# links: int32[O + P, 2] circular lists; row O + p is partition p's sentinel.
+L_PREV = 0  # towards the eviction end: links[sentinel, L_PREV] is the next victim
+L_NEXT = 1  # towards the recent end: links[sentinel, L_NEXT] is the most recent
+
+# parts: per-partition integers
+P_USED = 0  # size units in use
+P_CAP = 1  # capacity in size units
+P_HLEN = 2  # entries in the partition's heap
+P_HBASE = 3  # first index of the partition's heap in ``heap``
+N_P = 4
+
+# ip: integer scalars
 IP_POLICY = 0  # policy id
-IP_CLOCK = 1  # logical clock: accesses seen so far
-IP_INSERTS = 2  # insertions so far (FIFO order of arrival)
+IP_CLOCK = 1  # accesses seen so far
+IP_INSERTS = 2  # admissions so far
 IP_STRUCT = 3  # STRUCT_LIST / STRUCT_HEAP / STRUCT_NONE of the policy
 IP_EVENTS = 4  # admissions and touches so far: a unique, increasing tie-break stamp
+IP_MOVE_ON_HIT = 5  # list policies: 1 if a hit moves the object to the recent end
+IP_COUNTS_MISSES = 6  # 1 if the hook also sees uses of objects that are not cached
 
-# fp (float parameters) slots: policy-specific, documented by each policy
+# fp: float parameters, policy-specific (documented by each policy)
 FP_0 = 0
 FP_1 = 1
 FP_2 = 2
@@ -35,42 +68,50 @@ class CacheState(NamedTuple):
     """Arrays of one simulated cache. ``O`` objects, ``P`` partitions.
 
     status (int8[O]): ABSENT / RESIDENT / IN_FLIGHT / PINNED.
-    part (int32[O]): partition of each object.
-    size (int64[O]): size units an object takes (1 for slot budgets, bytes for byte budgets).
-    nbytes (int64[O]): bytes of each object's weights (what a transfer moves).
-    pin (int64[O]): protection stamp relative to the current group (see kernels).
-    k1 (float64[O]), k2 (int64[O]): heap keys; the victim is the smallest (k1, k2).
-    freq (float64[O]): counts that outlive residency (perfect/aged LFU, static profile).
-    obj_next (int64[O]): index of the object's next access (maintained by the kernels).
-    prev, nxt (int32[O+P]): circular lists; node ``O + p`` is partition p's sentinel.
-        ``nxt[sentinel]`` is the most recent end, ``prev[sentinel]`` the eviction end.
-    heap (int32[O]), hpos (int32[O]), hlen (int64[P]), hbase (int64[P]): indexed min-heaps;
-        partition p uses ``heap[hbase[p]:hbase[p] + hlen[p]]``.
-    used (int64[P]), cap (int64[P]): size units in use and capacity of each partition.
-    stash (int32[O]): scratch space for skipping protected heap entries.
+    oi (int64[O, N_OI]), of (float64[O, N_OF]): per-object fields (see the OI_/OF_ columns).
+    links (int32[O+P, 2]): per-partition circular lists.
+    heap (int32[O]): per-partition indexed min-heaps; partition p uses
+        ``heap[parts[p, P_HBASE]:parts[p, P_HBASE] + parts[p, P_HLEN]]``.
+    parts (int64[P, N_P]): used, capacity and heap bounds of each partition.
+    stash (int32[O]): scratch space for the ordered search of a heap.
     ip (int64[8]), fp (float64[8]): policy id, clocks and policy parameters.
+
+    Pass ``*state`` to the kernels: they take these arrays in this order.
     """
 
     status: np.ndarray
-    part: np.ndarray
-    size: np.ndarray
-    nbytes: np.ndarray
-    pin: np.ndarray
-    k1: np.ndarray
-    k2: np.ndarray
-    freq: np.ndarray
-    obj_next: np.ndarray
-    prev: np.ndarray
-    nxt: np.ndarray
+    oi: np.ndarray
+    of: np.ndarray
+    links: np.ndarray
     heap: np.ndarray
-    hpos: np.ndarray
-    hlen: np.ndarray
-    hbase: np.ndarray
-    used: np.ndarray
-    cap: np.ndarray
+    parts: np.ndarray
     stash: np.ndarray
     ip: np.ndarray
     fp: np.ndarray
+
+    @property
+    def num_objects(self) -> int:
+        return int(self.status.shape[0])
+
+    @property
+    def part(self) -> np.ndarray:
+        return self.oi[:, OI_PART]
+
+    @property
+    def size(self) -> np.ndarray:
+        return self.oi[:, OI_SIZE]
+
+    @property
+    def cap(self) -> np.ndarray:
+        return self.parts[:, P_CAP]
+
+    @property
+    def used(self) -> np.ndarray:
+        return self.parts[:, P_USED]
+
+    @property
+    def freq(self) -> np.ndarray:
+        return self.of[:, OF_FREQ]
 
 
 def new_state(
@@ -83,16 +124,23 @@ def new_state(
     fparams: tuple[float, ...] = (),
     nbytes: np.ndarray | None = None,
 ) -> CacheState:
-    """An empty cache. ``part``/``size`` per object, ``cap``/``hbase`` per partition."""
+    """An empty cache. ``part``/``size``/``nbytes`` per object, ``cap``/``hbase`` per partition."""
     n_obj = int(part.shape[0])
     n_part = int(cap.shape[0])
-    prev = np.empty(n_obj + n_part, np.int32)
-    nxt = np.empty(n_obj + n_part, np.int32)
+    links = np.full((n_obj + n_part, 2), -1, np.int32)
     sentinels = np.arange(n_obj, n_obj + n_part, dtype=np.int32)
-    prev[sentinels] = sentinels
-    nxt[sentinels] = sentinels
-    prev[:n_obj] = -1
-    nxt[:n_obj] = -1
+    links[sentinels, L_PREV] = sentinels
+    links[sentinels, L_NEXT] = sentinels
+    oi = np.zeros((n_obj, N_OI), np.int64)
+    oi[:, OI_PART] = part
+    oi[:, OI_SIZE] = size
+    oi[:, OI_BYTES] = size if nbytes is None else nbytes
+    oi[:, OI_PIN] = -1
+    oi[:, OI_NEXT] = np.iinfo(np.int64).max
+    oi[:, OI_HPOS] = -1
+    parts = np.zeros((n_part, N_P), np.int64)
+    parts[:, P_CAP] = cap
+    parts[:, P_HBASE] = hbase
     ip = np.zeros(8, np.int64)
     ip[IP_POLICY] = policy_id
     ip[IP_STRUCT] = structure
@@ -100,23 +148,12 @@ def new_state(
     fp[: len(fparams)] = fparams
     return CacheState(
         status=np.zeros(n_obj, np.int8),
-        part=np.ascontiguousarray(part, dtype=np.int32),
-        size=np.ascontiguousarray(size, dtype=np.int64),
-        nbytes=np.ascontiguousarray(size if nbytes is None else nbytes, dtype=np.int64),
-        pin=np.full(n_obj, -1, np.int64),
-        k1=np.zeros(n_obj, np.float64),
-        k2=np.zeros(n_obj, np.int64),
-        freq=np.zeros(n_obj, np.float64),
-        obj_next=np.full(n_obj, np.iinfo(np.int64).max, np.int64),
-        prev=prev,
-        nxt=nxt,
+        oi=oi,
+        of=np.zeros((n_obj, N_OF), np.float64),
+        links=links,
         heap=np.full(n_obj, -1, np.int32),
-        hpos=np.full(n_obj, -1, np.int32),
-        hlen=np.zeros(n_part, np.int64),
-        hbase=np.ascontiguousarray(hbase, dtype=np.int64),
-        used=np.zeros(n_part, np.int64),
-        cap=np.ascontiguousarray(cap, dtype=np.int64),
-        stash=np.zeros(n_obj, np.int32),
+        parts=parts,
+        stash=np.zeros(n_obj + 2, np.int32),
         ip=ip,
         fp=fp,
     )

@@ -10,13 +10,14 @@ import numpy as np
 from numba import njit
 
 from policies.spec import STRUCT_HEAP, PolicySpec
-from policies.state import IP_EVENTS
+from policies.state import IP_EVENTS, OF_FREQ, OF_K1, OI_K2
+from traces._jit import HOT
 
 
 def prepare(st, ctx):
     """Profile counts into ``freq``; return the experts to preload (hottest first per partition)."""
     counts = ctx.profile_counts()
-    st.freq[:] = counts
+    st.of[:, OF_FREQ] = counts
     order = np.lexsort((np.arange(counts.shape[0]), -counts))
     room = st.cap.copy()
     chosen = []
@@ -38,7 +39,7 @@ SPEC = PolicySpec(
 )
 
 
-@njit(cache=True, inline="always")
-def on_access(st, o, is_insert):
-    st.k1[o] = st.freq[o]
-    st.k2[o] = st.ip[IP_EVENTS]
+@njit(**HOT)
+def on_access(oi, of, ip, fp, o, is_insert):
+    of[o, OF_K1] = of[o, OF_FREQ]
+    oi[o, OI_K2] = ip[IP_EVENTS]

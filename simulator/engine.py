@@ -14,7 +14,7 @@ import pandas as pd
 
 from policies.registry import parse_policy
 from policies.spec import STRUCT_NONE, PolicySpec
-from policies.state import PINNED, new_state
+from policies.state import IP_COUNTS_MISSES, IP_MOVE_ON_HIT, OI_NEXT, P_USED, PINNED, new_state
 from simulator import kernels as K
 from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
@@ -185,19 +185,21 @@ def run(
     acc = prep.acc
     st = new_state(spec.pid, spec.structure, geo.part, geo.size, geo.cap, geo.hbase,
                    _fparams(spec, values), nbytes=prep.obj_bytes)  # fmt: skip
-    st.obj_next[:] = prep.first_use
+    st.ip[IP_MOVE_ON_HIT] = int(spec.move_on_hit)
+    st.ip[IP_COUNTS_MISSES] = int(spec.counts_misses)
+    st.oi[:, OI_NEXT] = prep.first_use
     pinned = _pinned_objects(prep, cfg.cache.pinned)
     if pinned.size and not nocache:
         for o in pinned:
             p = geo.part[o]
             st.status[o] = PINNED
-            st.used[p] += geo.size[o]
+            st.parts[p, P_USED] += geo.size[o]
         if np.any(st.cap - st.used < (prep.meta.top_k or 1) * geo.size.max()):
             raise ConfigError(
                 "cache.pinned: pinned experts leave less room than one token's top_k experts"
             )
     if spec.prepare is not None:
-        K.preload(st, spec.prepare(st, PrepareContext(prep, profile)))
+        K.preload(*st, spec.prepare(st, PrepareContext(prep, profile)))
     n_layers = prep.meta.num_layers
     cnt = np.zeros(K.N_COUNTERS, np.int64)
     fl = np.zeros(K.N_FLOATS, np.float64)
@@ -220,9 +222,9 @@ def run(
         reset = (np.zeros(0, np.bool_) if reset_groups is None
                  else np.ascontiguousarray(reset_groups, np.bool_))  # fmt: skip
         t0 = time.perf_counter()
-        K.replay_count(st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use, atomic,
+        K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use, atomic,
                        pf_off, pf_obj, reset, prep.obj_bytes, cnt, hits_layer,
-                       acc_layer)  # fmt: skip
+                       acc_layer, *K.count_scratch(acc.num_objects))  # fmt: skip
         kernel_s = time.perf_counter() - t0
     else:
         if free_prefetch or reset_groups is not None:
@@ -235,11 +237,12 @@ def run(
         n_ev = int(r.events)
         ev = (np.zeros(n_ev, np.int8), np.zeros(n_ev, np.int64), np.zeros(n_ev, np.int32),
               np.zeros(n_ev, np.float64), np.zeros(n_ev, np.float64))  # fmt: skip
+        scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
         t0 = time.perf_counter()
-        K.replay_timed(st, acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
+        K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
                        acc.group_decode, acc.obj, acc.count, prep.next_use, atomic, pf_off,
                        pf_obj, pf_tgt, prep.obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
-                       stall_layer, *ev)  # fmt: skip
+                       stall_layer, *ev, *scratch)  # fmt: skip
         kernel_s = time.perf_counter() - t0
         if n_ev:
             n = int(cnt[K.C_EVENTS])

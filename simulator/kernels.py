@@ -1,7 +1,7 @@
 """The replay kernels: count mode (hits and misses only) and timed mode (discrete events).
 
 Both walk the groups (step, layer) of the replay order and, inside a group, its accesses.
-Protection stamps (``st.pin``) relative to group ``g`` with ``b = 4 * g``:
+Protection stamps (``oi[:, OI_PIN]``) relative to group ``g`` with ``b = 4 * g``:
     b + 1  a member of the group not yet classified (``atomic`` protects it)
     b + 2  classified, waiting for its compute (timed mode always protects it)
     b + 3  computed (evictable only when nothing else is)
@@ -15,7 +15,22 @@ from numba import njit
 
 from policies.dispatch import admit, observe_miss, remove, touch, victim
 from policies.spec import STRUCT_NONE
-from policies.state import ABSENT, IN_FLIGHT, IP_CLOCK, IP_STRUCT, PINNED, RESIDENT
+from policies.state import (
+    ABSENT,
+    IN_FLIGHT,
+    IP_CLOCK,
+    IP_STRUCT,
+    OI_BYTES,
+    OI_NEXT,
+    OI_PART,
+    OI_PIN,
+    OI_SIZE,
+    P_CAP,
+    P_USED,
+    PINNED,
+    RESIDENT,
+)
+from traces._jit import HOT
 
 BIG = np.iinfo(np.int64).max
 INF = np.inf
@@ -73,61 +88,188 @@ EV_PREFETCH = 3
 EV_STALL = 4
 
 
+# --------------------------------------------------------------------------- scratch
+def count_scratch(n_obj: int):
+    """Scratch arrays for :func:`replay_count` (the kernels allocate nothing themselves)."""
+    return np.zeros(n_obj, np.int8), np.full(n_obj, BIG, np.int64), np.zeros(n_obj, np.float64)
+
+
+def timed_scratch(n_obj: int, n_engines: int):
+    """Scratch arrays for :func:`replay_timed`, in its argument order."""
+    return (
+        np.zeros(n_engines, np.float64),  # eng: when each copy engine is next free
+        np.full(n_obj, INF, np.float64),  # arrive: arrival time of each transfer
+        np.full(n_obj, BIG, np.int64),  # need_by: target group of an outstanding prefetch
+        np.zeros(n_obj, np.int8),  # pf_flag: prefetched and not yet used
+        np.zeros((n_obj + 1, 3), np.int64),  # pend: queued transfers (obj, class, order)
+        np.zeros(n_obj + 1, np.float64),  # pend_t: their issue times
+        np.zeros(n_obj, np.float64),  # m_ready: per member of a group, when it is ready
+        np.zeros(n_obj, np.int8),  # m_state
+        np.zeros(n_obj, np.int8),  # m_late: 1 if waiting on a late prefetch
+    )
+
+
 # --------------------------------------------------------------------------- shared
-@njit(cache=True)
-def _evict(st, v, cnt, pf_flag):
-    remove(st, v)
+@njit(inline="always", **HOT)
+def _evict(status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag):
+    remove(status, oi, of, links, heap, parts, ip, v)
     cnt[C_EVICTIONS] += 1
     if pf_flag[v] != 0:
         pf_flag[v] = 0
         cnt[C_PF_WASTED] += 1
-        cnt[C_PF_WASTED_BYTES] += st.nbytes[v]
+        cnt[C_PF_WASTED_BYTES] += oi[v, OI_BYTES]
 
 
-@njit(cache=True)
-def _make_room(st, o, b, atomic, timed, cnt, pf_flag, need_by, arrive, now):
+@njit(inline="always", **HOT)
+def _make_room(
+    status,
+    oi,
+    of,
+    links,
+    heap,
+    parts,
+    stash,
+    ip,
+    fp,
+    o,
+    b,
+    atomic,
+    timed,
+    cnt,
+    pf_flag,
+    need_by,
+    arrive,
+    now,
+):
     """Evict until ``o`` fits in its partition. Returns False when nothing may be evicted."""
-    p = st.part[o]
-    need = st.size[o]
-    if need > st.cap[p]:
+    p = oi[o, OI_PART]
+    need = oi[o, OI_SIZE]
+    if need > parts[p, P_CAP]:
         return False
-    while st.used[p] + need > st.cap[p]:
+    while parts[p, P_USED] + need > parts[p, P_CAP]:
         if atomic:
-            v = victim(st, p, b + 1, b + 3, need_by, BIG - 1, arrive, now)
+            v = victim(
+                status,
+                oi,
+                of,
+                links,
+                heap,
+                parts,
+                stash,
+                ip,
+                p,
+                b + 1,
+                b + 3,
+                need_by,
+                BIG - 1,
+                arrive,
+                now,
+            )
             if v < 0:
-                v = victim(st, p, b + 1, b + 2, need_by, BIG - 1, arrive, now)
+                v = victim(
+                    status,
+                    oi,
+                    of,
+                    links,
+                    heap,
+                    parts,
+                    stash,
+                    ip,
+                    p,
+                    b + 1,
+                    b + 2,
+                    need_by,
+                    BIG - 1,
+                    arrive,
+                    now,
+                )
                 if v < 0 and not timed:
-                    v = victim(st, p, 1, 0, need_by, BIG - 1, arrive, now)
+                    v = victim(
+                        status,
+                        oi,
+                        of,
+                        links,
+                        heap,
+                        parts,
+                        stash,
+                        ip,
+                        p,
+                        1,
+                        0,
+                        need_by,
+                        BIG - 1,
+                        arrive,
+                        now,
+                    )
                 if v >= 0:
                     cnt[C_FORCED] += 1
         else:
-            v = victim(st, p, b + 2, b + 2, need_by, BIG - 1, arrive, now)
+            v = victim(
+                status,
+                oi,
+                of,
+                links,
+                heap,
+                parts,
+                stash,
+                ip,
+                p,
+                b + 2,
+                b + 2,
+                need_by,
+                BIG - 1,
+                arrive,
+                now,
+            )
         if v < 0:
             return False
-        _evict(st, v, cnt, pf_flag)
+        _evict(status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag)
     return True
 
 
-@njit(cache=True)
-def preload(st, objs):
+@njit(**HOT)
+def preload(status, oi, of, links, heap, parts, stash, ip, fp, objs):
     """Make ``objs`` resident before the run (policy order = list order)."""
     for o in objs:
-        if st.status[o] == ABSENT and st.used[st.part[o]] + st.size[o] <= st.cap[st.part[o]]:
-            admit(st, o, RESIDENT)
+        p = oi[o, OI_PART]
+        if status[o] == ABSENT and parts[p, P_USED] + oi[o, OI_SIZE] <= parts[p, P_CAP]:
+            admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
 
 
 # --------------------------------------------------------------------------- count mode
-@njit(cache=True)
-def replay_count(st, g_off, g_layer, obj, next_use, atomic, pf_off, pf_obj, reset, obj_bytes,
-                 cnt, hits_layer, acc_layer):  # fmt: skip
+@njit(**HOT)
+def replay_count(
+    status,
+    oi,
+    of,
+    links,
+    heap,
+    parts,
+    stash,
+    ip,
+    fp,
+    g_off,
+    g_layer,
+    obj,
+    next_use,
+    atomic,
+    pf_off,
+    pf_obj,
+    reset,
+    obj_bytes,
+    cnt,
+    hits_layer,
+    acc_layer,
+    pf_flag,
+    need_by,
+    arrive,
+):
     """Count-mode replay. ``pf_off``/``pf_obj``: experts inserted for free right before each
-    group (free prefetch; empty lists for none). ``reset[g]`` True empties the cache first."""
+    group (free prefetch; empty lists for none). ``reset[g]`` True empties the cache first.
+    ``pf_flag``, ``need_by``, ``arrive``: scratch from :func:`count_scratch`."""
     n_groups = g_layer.shape[0]
-    n_obj = st.status.shape[0]
-    nocache = st.ip[IP_STRUCT] == STRUCT_NONE
-    pf_flag = np.zeros(n_obj, np.int8)
-    need_by = np.full(n_obj, BIG, np.int64)
-    arrive = np.zeros(n_obj, np.float64)
+    n_obj = status.shape[0]
+    nocache = ip[IP_STRUCT] == STRUCT_NONE
     for g in range(n_groups):
         a0 = g_off[g]
         a1 = g_off[g + 1]
@@ -135,35 +277,54 @@ def replay_count(st, g_off, g_layer, obj, next_use, atomic, pf_off, pf_obj, rese
         lay = g_layer[g]
         if reset.shape[0] > 0 and reset[g]:
             for o in range(n_obj):
-                if st.status[o] == RESIDENT:
-                    remove(st, o)
+                if status[o] == RESIDENT:
+                    remove(status, oi, of, links, heap, parts, ip, o)
                     pf_flag[o] = 0
         if atomic:
             for a in range(a0, a1):
-                st.pin[obj[a]] = b + 1
+                oi[obj[a], OI_PIN] = b + 1
         if not nocache:
             for j in range(pf_off[g], pf_off[g + 1]):
                 o = pf_obj[j]
-                if st.status[o] == ABSENT:
-                    if _make_room(st, o, b, atomic, False, cnt, pf_flag, need_by, arrive, 0.0):
-                        admit(st, o, RESIDENT)
+                if status[o] == ABSENT:
+                    if _make_room(
+                        status,
+                        oi,
+                        of,
+                        links,
+                        heap,
+                        parts,
+                        stash,
+                        ip,
+                        fp,
+                        o,
+                        b,
+                        atomic,
+                        False,
+                        cnt,
+                        pf_flag,
+                        need_by,
+                        arrive,
+                        0.0,
+                    ):
+                        admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
                         pf_flag[o] = 1
                         cnt[C_PF_ISSUED] += 1
                         cnt[C_PF_BYTES] += obj_bytes[o]
                     else:
                         cnt[C_PF_DROPPED] += 1
-                elif st.status[o] == RESIDENT:
-                    touch(st, o)
+                elif status[o] == RESIDENT:
+                    touch(oi, of, links, heap, parts, ip, fp, o)
         acc_layer[lay] += a1 - a0
         for a in range(a0, a1):
             o = obj[a]
-            st.ip[IP_CLOCK] += 1
-            st.obj_next[o] = next_use[a]
-            s = st.status[o]
+            ip[IP_CLOCK] += 1
+            oi[o, OI_NEXT] = next_use[a]
+            s = status[o]
             if s == RESIDENT:
                 cnt[C_HITS] += 1
                 hits_layer[lay] += 1
-                touch(st, o)
+                touch(oi, of, links, heap, parts, ip, fp, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
@@ -174,30 +335,49 @@ def replay_count(st, g_off, g_layer, obj, next_use, atomic, pf_off, pf_obj, rese
                 cnt[C_MISSES] += 1
                 cnt[C_BYTES] += obj_bytes[o]
                 if nocache:
-                    observe_miss(st, o)
-                elif _make_room(st, o, b, atomic, False, cnt, pf_flag, need_by, arrive, 0.0):
-                    admit(st, o, RESIDENT)
+                    observe_miss(oi, of, ip, fp, o)
+                elif _make_room(
+                    status,
+                    oi,
+                    of,
+                    links,
+                    heap,
+                    parts,
+                    stash,
+                    ip,
+                    fp,
+                    o,
+                    b,
+                    atomic,
+                    False,
+                    cnt,
+                    pf_flag,
+                    need_by,
+                    arrive,
+                    0.0,
+                ):
+                    admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
                 else:
-                    observe_miss(st, o)
+                    observe_miss(oi, of, ip, fp, o)
             if atomic:
-                st.pin[o] = b + 3
-            if st.used[st.part[o]] > st.cap[st.part[o]]:
+                oi[o, OI_PIN] = b + 3
+            if parts[oi[o, OI_PART], P_USED] > parts[oi[o, OI_PART], P_CAP]:
                 cnt[C_OVERFLOW] += 1
-    _unused_prefetches(st, pf_flag, cnt)
+    _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt)
 
 
-@njit(cache=True)
-def _unused_prefetches(st, pf_flag, cnt):
+@njit(**HOT)
+def _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt):
     """Prefetched experts never used by the end of the run count as wasted."""
     for o in range(pf_flag.shape[0]):
         if pf_flag[o] != 0:
             pf_flag[o] = 0
             cnt[C_PF_WASTED] += 1
-            cnt[C_PF_WASTED_BYTES] += st.nbytes[o]
+            cnt[C_PF_WASTED_BYTES] += oi[o, OI_BYTES]
 
 
 # --------------------------------------------------------------------------- timed mode
-@njit(cache=True)
+@njit(**HOT)
 def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
     i = cnt[C_EVENTS]
     if i < ev_kind.shape[0]:
@@ -209,9 +389,26 @@ def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
         cnt[C_EVENTS] = i + 1
 
 
-@njit(cache=True)
-def _advance(t, flush_demand, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
-             ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+@njit(**HOT)
+def _advance(
+    t,
+    flush_demand,
+    g,
+    pend,
+    pend_t,
+    npend,
+    eng,
+    arrive,
+    obj_bytes,
+    hw,
+    cnt,
+    fl,
+    ev_kind,
+    ev_grp,
+    ev_obj,
+    ev_t0,
+    ev_t1,
+):
     """Start queued transfers on free copy engines.
 
     ``pend`` rows: (object, class 0 demand / 1 prefetch, issue order); ``pend_t``: issue time. Without
@@ -248,15 +445,58 @@ def _advance(t, flush_demand, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw
         kind = EV_DEMAND if pend[bi, 1] == 0 else EV_PREFETCH
         _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, start, end)
         npend -= 1
-        pend[bi, :] = pend[npend, :]
+        pend[bi, 0] = pend[npend, 0]
+        pend[bi, 1] = pend[npend, 1]
+        pend[bi, 2] = pend[npend, 2]
         pend_t[bi] = pend_t[npend]
     return npend
 
 
-@njit(cache=True)
-def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use, atomic,
-                 pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
-                 stall_layer, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+@njit(**HOT)
+def replay_timed(
+    status,
+    oi,
+    of,
+    links,
+    heap,
+    parts,
+    stash,
+    ip,
+    fp,
+    g_off,
+    g_layer,
+    g_step,
+    g_pre,
+    g_dec,
+    obj,
+    count,
+    next_use,
+    atomic,
+    pf_off,
+    pf_obj,
+    pf_tgt,
+    obj_bytes,
+    hw,
+    cnt,
+    fl,
+    hits_layer,
+    acc_layer,
+    stall_layer,
+    ev_kind,
+    ev_grp,
+    ev_obj,
+    ev_t0,
+    ev_t1,
+    eng,
+    arrive,
+    need_by,
+    pf_flag,
+    pend,
+    pend_t,
+    m_ready,
+    m_state,
+    m_late,
+):
     """Timed replay: a compute stream, a link of ``hw[H_ENGINES]`` copy engines, the cache.
 
     Per group: dense work, then the gate is known (``t_gate``); hits are ready at once, misses
@@ -264,24 +504,16 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
     the order they become ready; the compute stream stalls while the next expert is in flight.
     At ``t_gate`` the prefetch lists issued by this group (``pf_off``/``pf_obj`` with target
     groups ``pf_tgt``) are queued behind demand fetches.
+    The last nine arguments are scratch arrays from :func:`timed_scratch`.
     """
     n_groups = g_layer.shape[0]
-    n_obj = st.status.shape[0]
-    nocache = st.ip[IP_STRUCT] == STRUCT_NONE
-    n_eng = int(hw[H_ENGINES])
-    eng = np.zeros(n_eng, np.float64)
-    arrive = np.full(n_obj, INF, np.float64)
-    need_by = np.full(n_obj, BIG, np.int64)
-    pf_flag = np.zeros(n_obj, np.int8)
-    pend = np.zeros((n_obj + 1, 3), np.int64)
-    pend_t = np.zeros(n_obj + 1, np.float64)
+    n_obj = status.shape[0]
+    nocache = ip[IP_STRUCT] == STRUCT_NONE
     npend = 0
     seq = 0
-    m_ready = np.zeros(n_obj, np.float64)
-    m_state = np.zeros(n_obj, np.int8)  # 0 waiting, 1 deferred (no slot yet), 2 computed
-    m_late = np.zeros(n_obj, np.int8)
+    # m_state: 0 waiting, 1 deferred (no slot yet), 2 computed, 3 issued (read its arrival)
     for o in range(n_obj):
-        if st.status[o] == RESIDENT or st.status[o] == PINNED:
+        if status[o] == RESIDENT or status[o] == PINNED:
             arrive[o] = 0.0
     cur = 0.0
     step_start = 0.0
@@ -310,16 +542,16 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
         if atomic:
             for a in range(a0, a1):
-                st.pin[obj[a]] = b + 1
+                oi[obj[a], OI_PIN] = b + 1
         acc_layer[lay] += m
         # classify every needed expert; issue demand fetches
         n_deferred = 0
         for a in range(a0, a1):
             k = a - a0
             o = obj[a]
-            st.ip[IP_CLOCK] += 1
-            st.obj_next[o] = next_use[a]
-            s = st.status[o]
+            ip[IP_CLOCK] += 1
+            oi[o, OI_NEXT] = next_use[a]
+            s = status[o]
             m_state[k] = 0
             m_late[k] = 0
             if s == PINNED or (s == RESIDENT) or (s == IN_FLIGHT and arrive[o] <= now):
@@ -327,13 +559,13 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                 hits_layer[lay] += 1
                 m_ready[k] = now
                 if s != PINNED:
-                    touch(st, o)
+                    touch(oi, of, links, heap, parts, ip, fp, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
             elif s == IN_FLIGHT and not nocache:
                 cnt[C_INFLIGHT_HITS] += 1
-                touch(st, o)
+                touch(oi, of, links, heap, parts, ip, fp, o)
                 m_ready[k] = -1.0  # read arrive[o] after the demand flush
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
@@ -347,13 +579,32 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                 cnt[C_MISSES] += 1
                 m_ready[k] = -1.0
                 if nocache:
-                    observe_miss(st, o)
-                    st.status[o] = IN_FLIGHT
+                    observe_miss(oi, of, ip, fp, o)
+                    status[o] = IN_FLIGHT
                     ok = True
                 else:
-                    ok = _make_room(st, o, b, atomic, True, cnt, pf_flag, need_by, arrive, now)
+                    ok = _make_room(
+                        status,
+                        oi,
+                        of,
+                        links,
+                        heap,
+                        parts,
+                        stash,
+                        ip,
+                        fp,
+                        o,
+                        b,
+                        atomic,
+                        True,
+                        cnt,
+                        pf_flag,
+                        need_by,
+                        arrive,
+                        now,
+                    )
                     if ok:
-                        admit(st, o, IN_FLIGHT)
+                        admit(status, oi, of, links, heap, parts, ip, fp, o, IN_FLIGHT)
                 if ok:
                     arrive[o] = INF
                     pend[npend, 0] = o
@@ -368,8 +619,8 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                     cnt[C_DEFERRED] += 1
             if need_by[o] <= g:
                 need_by[o] = BIG
-            st.pin[o] = b + 2
-            if not nocache and st.used[st.part[o]] > st.cap[st.part[o]]:
+            oi[o, OI_PIN] = b + 2
+            if not nocache and parts[oi[o, OI_PART], P_USED] > parts[oi[o, OI_PART], P_CAP]:
                 cnt[C_OVERFLOW] += 1
         # queued prefetches aimed at this group or earlier that it did not need: drop them
         i = 0
@@ -377,9 +628,11 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
             o = pend[i, 0]
             if pend[i, 1] == 1 and need_by[o] <= g:
                 npend -= 1
-                pend[i, :] = pend[npend, :]
+                pend[i, 0] = pend[npend, 0]
+                pend[i, 1] = pend[npend, 1]
+                pend[i, 2] = pend[npend, 2]
                 pend_t[i] = pend_t[npend]
-                remove(st, o)
+                remove(status, oi, of, links, heap, parts, ip, o)
                 arrive[o] = INF
                 need_by[o] = BIG
                 pf_flag[o] = 0
@@ -396,17 +649,35 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
             for j in range(pf_off[g], pf_off[g + 1]):
                 o = pf_obj[j]
                 tgt = pf_tgt[j]
-                if st.status[o] == ABSENT:
-                    p = st.part[o]
-                    ok = st.size[o] <= st.cap[p]
-                    while ok and st.used[p] + st.size[o] > st.cap[p]:
-                        v = victim(st, p, b + 1, b + 3, need_by, tgt, arrive, now)
+                if status[o] == ABSENT:
+                    p = oi[o, OI_PART]
+                    ok = oi[o, OI_SIZE] <= parts[p, P_CAP]
+                    while ok and parts[p, P_USED] + oi[o, OI_SIZE] > parts[p, P_CAP]:
+                        v = victim(
+                            status,
+                            oi,
+                            of,
+                            links,
+                            heap,
+                            parts,
+                            stash,
+                            ip,
+                            p,
+                            b + 1,
+                            b + 3,
+                            need_by,
+                            tgt,
+                            arrive,
+                            now,
+                        )
                         if v < 0:
                             ok = False
                         else:
-                            _evict(st, v, cnt, pf_flag)
+                            _evict(
+                                status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag
+                            )
                     if ok:
-                        admit(st, o, IN_FLIGHT)
+                        admit(status, oi, of, links, heap, parts, ip, fp, o, IN_FLIGHT)
                         arrive[o] = INF
                         need_by[o] = tgt
                         pf_flag[o] = 1
@@ -438,9 +709,11 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                     o = pend[i, 0]
                     if pend[i, 1] == 1:
                         npend -= 1
-                        pend[i, :] = pend[npend, :]
+                        pend[i, 0] = pend[npend, 0]
+                        pend[i, 1] = pend[npend, 1]
+                        pend[i, 2] = pend[npend, 2]
                         pend_t[i] = pend_t[npend]
-                        remove(st, o)
+                        remove(status, oi, of, links, heap, parts, ip, o)
                         arrive[o] = INF
                         need_by[o] = BIG
                         pf_flag[o] = 0
@@ -451,7 +724,7 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                 if not freed:
                     t_land = INF
                     for o in range(n_obj):
-                        if st.status[o] == IN_FLIGHT and arrive[o] > cur and arrive[o] < t_land:
+                        if status[o] == IN_FLIGHT and arrive[o] > cur and arrive[o] < t_land:
                             t_land = arrive[o]
                     if t_land == INF:
                         break
@@ -460,7 +733,8 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
                     _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, -1, cur, t_land)
                     cur = t_land
                 npend, n_deferred = _issue_deferred(
-                    st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
+                    status, oi, of, links, heap, parts, stash, ip, fp,
+                    g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
                     pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
                 )  # fmt: skip
@@ -480,26 +754,27 @@ def replay_timed(st, g_off, g_layer, g_step, g_pre, g_dec, obj, count, next_use,
             fl[F_COMPUTE] += dur
             m_state[best] = 2
             done += 1
-            st.pin[o] = b + 3
+            oi[o, OI_PIN] = b + 3
             if nocache:
-                st.status[o] = ABSENT
+                status[o] = ABSENT
                 arrive[o] = INF
             if n_deferred > 0:
                 # a computed expert may now give up its slot: fetch the deferred experts
                 npend, n_deferred = _issue_deferred(
-                    st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
+                    status, oi, of, links, heap, parts, stash, ip, fp,
+                    g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
                     pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
                 )  # fmt: skip
                 seq += m
     if n_groups > 0:
         _close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
-    _unused_prefetches(st, pf_flag, cnt)
+    _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt)
     fl[F_TOTAL] = cur
     fl[F_COMPUTE] += fl[F_DENSE]
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _close_step(dur, tokens, decode, cnt, fl):
     if decode:
         fl[F_DECODE_TIME] += dur
@@ -511,10 +786,45 @@ def _close_step(dur, tokens, decode, cnt, fl):
         cnt[C_PREFILL_STEPS] += 1
 
 
-@njit(cache=True)
-def _issue_deferred(st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
-                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
-                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+@njit(**HOT)
+def _issue_deferred(
+    status,
+    oi,
+    of,
+    links,
+    heap,
+    parts,
+    stash,
+    ip,
+    fp,
+    g,
+    b,
+    atomic,
+    cur,
+    obj,
+    a0,
+    m,
+    m_state,
+    m_ready,
+    n_deferred,
+    pend,
+    pend_t,
+    npend,
+    seq,
+    eng,
+    arrive,
+    need_by,
+    pf_flag,
+    obj_bytes,
+    hw,
+    cnt,
+    fl,
+    ev_kind,
+    ev_grp,
+    ev_obj,
+    ev_t0,
+    ev_t1,
+):
     """Fetch deferred experts of the group (in access order) for which a slot can be freed."""
     npend = _advance(cur, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
                      ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
@@ -523,9 +833,28 @@ def _issue_deferred(st, g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_defer
         if m_state[k] != 1:
             continue
         od = obj[a0 + k]
-        if not _make_room(st, od, b, atomic, True, cnt, pf_flag, need_by, arrive, cur):
+        if not _make_room(
+            status,
+            oi,
+            of,
+            links,
+            heap,
+            parts,
+            stash,
+            ip,
+            fp,
+            od,
+            b,
+            atomic,
+            True,
+            cnt,
+            pf_flag,
+            need_by,
+            arrive,
+            cur,
+        ):
             break
-        admit(st, od, IN_FLIGHT)
+        admit(status, oi, of, links, heap, parts, ip, fp, od, IN_FLIGHT)
         arrive[od] = INF
         pend[npend, 0] = od
         pend[npend, 1] = 0
