@@ -377,7 +377,7 @@ def _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_fla
 
 
 # --------------------------------------------------------------------------- timed mode
-@njit(**HOT)
+@njit(inline="always", **HOT)
 def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
     i = cnt[C_EVENTS]
     if i < ev_kind.shape[0]:
@@ -389,7 +389,7 @@ def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
         cnt[C_EVENTS] = i + 1
 
 
-@njit(**HOT)
+@njit(inline="always", **HOT)
 def _advance(
     t,
     flush_demand,
