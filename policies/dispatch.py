@@ -114,7 +114,7 @@ def remove(status, oi, of, links, heap, parts, ip, o):
 
 @njit(inline="always", **HOT)
 def evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
-    """Resident (or arrived), not protected by a pin stamp in [pin_lo, pin_hi], not needed sooner."""
+    """Resident (or arrived), not protected by a pin in [pin_lo, pin_hi], not needed sooner."""
     s = status[o]
     if s == RESIDENT:
         pass

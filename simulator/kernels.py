@@ -411,9 +411,10 @@ def _advance(
 ):
     """Start queued transfers on free copy engines.
 
-    ``pend`` rows: (object, class 0 demand / 1 prefetch, issue order); ``pend_t``: issue time. Without
-    ``flush_demand``: start every transfer that can start by time ``t``. With it: start every
-    queued demand transfer, whenever an engine frees (demand outranks prefetch).
+    ``pend`` rows: (object, class 0 demand / 1 prefetch, issue order); ``pend_t``: issue
+    time. Without ``flush_demand``: start every transfer that can start by time ``t``. With
+    it: start every queued demand transfer, whenever an engine frees (demand outranks
+    prefetch).
     Returns the new queue length.
     """
     n_eng = eng.shape[0]

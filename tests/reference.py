@@ -60,13 +60,13 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
             freq[o] += 1.0
         elif policy == "lfu-aged":
             expo = clock / params.get("half_life", 1000.0) - scale
-            w = math.pow(2.0, expo)
-            if w > 1e250:
+            if expo > 830.0:
+                factor = math.pow(2.0, -expo)
                 for i in range(n_obj):
-                    freq[i] *= 1.0 / w
+                    freq[i] *= factor
                 scale += expo
-                w = 1.0
-            freq[o] += w
+                expo = 0.0
+            freq[o] += math.pow(2.0, expo)
 
     def admit(o):
         nonlocal inserts, events
@@ -116,11 +116,12 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
                         cands = sorted((x for x in resident if part[x] == p), key=order_key)
                         v = None
                         if atomic:
-                            for allowed in (lambda x: x not in members, lambda x: x in done,
-                                            lambda x: True):  # fmt: skip
-                                v = next((x for x in cands if allowed(x)), None)
-                                if v is not None:
-                                    break
+                            passes = (
+                                [x for x in cands if x not in members],
+                                [x for x in cands if x in done],
+                                cands,
+                            )
+                            v = next((ps[0] for ps in passes if ps), None)
                         else:
                             v = cands[0] if cands else None
                         if v is None:

@@ -10,4 +10,4 @@ class TraceError(MoesimError):
 
 
 class ConfigError(MoesimError):
-    """A configuration value is missing, of the wrong type or out of range (message names the key)."""
+    """A configuration value is missing, of the wrong type or out of range (names the key)."""

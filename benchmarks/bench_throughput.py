@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Replay throughput: moesim's kernels against libCacheSim on the same access sequence.
+
+One trace (default: the DeepSeek-V2-Lite Puffin training set, ~30 M accesses; a synthetic
+DeepSeek-shaped trace of ~11 M where ../shared is absent), one cache size, measured side by
+side in one process:
+
+- moesim count mode, LRU / FIFO / LFU / Belady, atomic and sequential access: accesses per
+  second of ``kernel_s`` (the jitted replay loop alone; compiled kernels are loaded first).
+- libCacheSim (Python binding, C core) LRU / FIFO / LFU / Belady on the oracleGeneral export
+  of the same trace: accesses per second of the wall time of ``cache.process_trace(reader)``,
+  which includes reading each 24-byte record from the memory-mapped file, the hash-table
+  lookup and the policy's update and eviction; not cache creation or opening the reader.
+- moesim timed mode (no prefetch, and the oracle prefetcher) against count mode, atomic.
+
+Sequential moesim must give exactly libCacheSim's miss count; the table says so per policy.
+Ratios are against libCacheSim measured in the same run, never absolute targets.
+
+    python benchmarks/bench_throughput.py [TRACE] [--slots 166] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import count_config, default_trace, git_head, log, machine, peak_rss_mib, rate
+
+POLICIES = ["lru", "fifo", "lfu", "belady"]
+LCS_CLASS = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+
+
+def best_of(repeat: int, fn):
+    """Run ``fn() -> (seconds, result)`` ``repeat`` times; the fastest run's (seconds, result)."""
+    best = None
+    for _ in range(repeat):
+        sec, res = fn()
+        if best is None or sec < best[0]:
+            best = (sec, res)
+    return best
+
+
+def warm_up_oracle_prefetch() -> None:
+    """Load (or compile) what the oracle prefetcher's list building jits, on a toy trace."""
+    from simulator.engine import prepare, run
+    from traces.synth import SynthKnobs, synth_trace
+
+    knobs = SynthKnobs(sequences=2, prefill_len=3, decode_len=3, batch_size=2)
+    toy = prepare(synth_trace("deepseek-v2-lite", knobs))
+    run(toy, count_config(64, "atomic", mode="timed", prefetch="oracle"), "lru")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace", nargs="?", help="moesim trace (.parquet); default: see above")
+    ap.add_argument("--slots", type=int, default=166, help="cache size in experts (166 = 10%%)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; best is kept")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset")
+    ap.add_argument("--lcs-hashpower", type=int, default=12,
+                    help="libCacheSim hash table: log2 of buckets (binding's: 24)")  # fmt: skip
+    ap.add_argument("--no-timed", action="store_true", help="skip the timed-mode comparison")
+    ap.add_argument("--export", help="oracleGeneral file to write/reuse (default: a temp file)")
+    args = ap.parse_args(argv)
+    policies = [p for p in args.policies.split(",") if p]
+
+    import libcachesim as lcs
+    import numpy as np
+
+    from simulator.engine import prepare, run
+    from simulator.export import export
+    from simulator.warmup import warm_up
+    from traces.io import read_trace
+
+    path = Path(args.trace) if args.trace else default_trace()
+    t = time.perf_counter()
+    trace = read_trace(path)
+    t_read = time.perf_counter() - t
+    t = time.perf_counter()
+    prep = prepare(trace)
+    t_prep = time.perf_counter() - t
+    n = prep.acc.num_accesses
+    t = time.perf_counter()
+    warm_up("count")
+    if not args.no_timed:
+        warm_up("timed")
+        warm_up_oracle_prefetch()
+    t_warm = time.perf_counter() - t
+    print(f"# moesim throughput vs libCacheSim  ({machine()})")
+    print(f"# moesim at {git_head()}; libCacheSim {getattr(lcs, '__version__', '?')}")
+    print(f"trace {path}: {n:,} accesses, {prep.acc.num_groups:,} step-layers, "
+          f"{prep.acc.num_objects} experts; cache {args.slots} slots (global)")  # fmt: skip
+    print(f"read {t_read:.2f} s, prepare {t_prep:.2f} s, kernel load/compile {t_warm:.2f} s")
+    if n < 10_000_000:
+        log(f"note: {n:,} accesses (< 10 M): figures are noisier than on the full trace")
+
+    # ---- moesim count mode
+    moe: dict[tuple[str, str], tuple[float, dict]] = {}
+    for policy in policies:
+        for access in ("atomic", "sequential"):
+            cfg = count_config(args.slots, access)
+
+            def one(cfg=cfg, policy=policy):
+                w = time.perf_counter()
+                rec = run(prep, cfg, policy)
+                rec["wall_s"] = time.perf_counter() - w
+                return rec["kernel_s"], rec
+
+            moe[policy, access] = best_of(args.repeat, one)
+            log(f"moesim {policy} {access}: {moe[policy, access][0]:.2f} s")
+
+    # ---- libCacheSim on the oracleGeneral export
+    tmpdir = None
+    if args.export:
+        og = Path(args.export)
+    else:
+        tmpdir = tempfile.TemporaryDirectory(prefix="moesim-bench-")
+        og = Path(tmpdir.name) / "trace.oracleGeneral"
+    if not og.exists():
+        t = time.perf_counter()
+        export(prep, og, "oracle-general")
+        mib = og.stat().st_size / 2**20
+        log(f"exported {og} ({mib:.0f} MiB) in {time.perf_counter() - t:.1f} s")
+    # touch the file once so no libCacheSim run pays for reading it from disk
+    np.fromfile(og, np.uint8).sum()
+    lib: dict[str, tuple[float, int]] = {}
+    for policy in policies:
+
+        def one(policy=policy):
+            cache = getattr(lcs, LCS_CLASS[policy])(cache_size=args.slots,
+                                                    hashpower=args.lcs_hashpower)  # fmt: skip
+            reader = lcs.TraceReader(str(og), lcs.TraceType.ORACLE_GENERAL_TRACE)
+            w = time.perf_counter()
+            ratio, _ = cache.process_trace(reader)
+            return time.perf_counter() - w, round(ratio * n)
+
+        lib[policy] = best_of(args.repeat, one)
+        log(f"libCacheSim {policy}: {lib[policy][0]:.2f} s")
+
+    print()
+    print("count mode, accesses/s in millions (moesim: kernel_s; libCacheSim: process_trace)")
+    print(f"{'policy':8} {'atomic':>8} {'sequential':>10} {'libCacheSim':>11} "
+          f"{'seq/lcs':>8} {'atom/lcs':>8}  misses seq == libCacheSim")  # fmt: skip
+    for policy in policies:
+        ka, (ks, rs) = moe[policy, "atomic"][0], moe[policy, "sequential"]
+        kl, ml = lib[policy]
+        same = "yes" if rs["misses"] == ml else f"NO: {rs['misses']:,} vs {ml:,}"
+        print(f"{policy:8} {rate(n, ka)} {rate(n, ks):>10} {rate(n, kl):>11} "
+              f"{kl / ks:8.2f} {kl / ka:8.2f}  {same} ({ml:,} misses)")  # fmt: skip
+    print()
+    print("moesim run() wall time beyond the kernel (set-up, result), seconds:")
+    print("  " + ", ".join(f"{p}/{a[:3]} {moe[p, a][1]['wall_s'] - moe[p, a][0]:.3f}"
+                           for p in policies for a in ("atomic", "sequential")))  # fmt: skip
+
+    # ---- timed mode vs count mode
+    timed: dict[tuple[str, str], tuple[float, dict]] = {}
+    if not args.no_timed:
+        for policy in policies:
+            for pf in ("none", "oracle"):
+                cfg = count_config(args.slots, "atomic", mode="timed", prefetch=pf)
+
+                def one(cfg=cfg, policy=policy):
+                    w = time.perf_counter()
+                    rec = run(prep, cfg, policy)
+                    rec["wall_s"] = time.perf_counter() - w
+                    return rec["kernel_s"], rec
+
+                timed[policy, pf] = best_of(args.repeat, one)
+                log(f"moesim timed {policy} prefetch={pf}: {timed[policy, pf][0]:.2f} s")
+        print()
+        print("timed mode vs count mode (atomic): accesses/s in millions of kernel_s, and")
+        print("timed throughput as a fraction of count mode's; the oracle prefetcher's lists")
+        print("are built in run() outside the kernel: its whole run() wall time is shown too")
+        print(f"{'policy':8} {'count':>8} {'timed':>8} {'t+oracle':>8} "
+              f"{'timed/cnt':>9} {'orcl/cnt':>9} {'oracle run() wall s':>20}")  # fmt: skip
+        for policy in policies:
+            kc = moe[policy, "atomic"][0]
+            kt, ko = timed[policy, "none"][0], timed[policy, "oracle"][0]
+            print(f"{policy:8} {rate(n, kc)} {rate(n, kt)} {rate(n, ko)} "
+                  f"{kc / kt:9.2f} {kc / ko:9.2f} "
+                  f"{timed[policy, 'oracle'][1]['wall_s']:20.2f}")  # fmt: skip
+    print()
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    if tmpdir is not None:
+        tmpdir.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
