@@ -91,6 +91,8 @@ def git_head() -> str:
                              text=True, timeout=10)  # fmt: skip
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO, capture_output=True, text=True, timeout=10)  # fmt: skip
+        if out.returncode:
+            return "(not a git checkout)"
         return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "?"

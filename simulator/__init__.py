@@ -1,4 +1,3 @@
 """The numba-jitted discrete-event core: replay kernels, configuration, metrics, CLI."""
 
 import traces._jit  # noqa: F401  (must run before any kernel is defined)
-

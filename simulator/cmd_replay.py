@@ -24,35 +24,65 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("trace", help="trace file (.parquet) or folder of parts")
-    p.add_argument("--policy", action="append", metavar="NAME",
-                   help="eviction policy, repeatable: lru, fifo, lfu, lfu-perfect, "
-                   "lfu-aged[:half_life=N], belady, static, none (default: from config)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        metavar="NAME",
+        help="eviction policy, repeatable: lru, fifo, lfu, lfu-perfect, "
+        "lfu-aged[:half_life=N], belady, static, none (default: from config)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--cache-slots", type=int, metavar="N", help="cache size in experts")
-    size.add_argument("--cache-fraction", type=float, metavar="F",
-                      help="cache size as a fraction of all routed experts")
+    size.add_argument(
+        "--cache-fraction",
+        type=float,
+        metavar="F",
+        help="cache size as a fraction of all routed experts",
+    )
     size.add_argument("--cache-bytes", type=int, metavar="B", help="cache size in bytes")
     p.add_argument("--scope", choices=["global", "per-layer"], help="one pool or per-layer")
     p.add_argument("--mode", choices=["count", "timed"], help="count: hits/misses only")
-    p.add_argument("--access", choices=["atomic", "sequential"],
-                   help="atomic: a layer's experts are protected together (runtimes); "
-                   "sequential: each access alone (classic cache simulators)")
-    p.add_argument("--bandwidth-gbps", type=float, nargs="+", metavar="X",
-                   help="link bandwidth(s) in GB/s; several values run each policy at each")
+    p.add_argument(
+        "--access",
+        choices=["atomic", "sequential"],
+        help="atomic: a layer's experts are protected together (runtimes); "
+        "sequential: each access alone (classic cache simulators)",
+    )
+    p.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        nargs="+",
+        metavar="X",
+        help="link bandwidth(s) in GB/s; several values run each policy at each",
+    )
     p.add_argument("--latency-s", type=float, help="fixed cost per transfer, seconds")
     p.add_argument("--engines", type=int, help="copy engines (transfers at once)")
-    p.add_argument("--prefetch", choices=["none", "oracle", "trace"],
-                   help="prefetcher (timed mode): the trace's future or its pred_h columns")
+    p.add_argument(
+        "--prefetch",
+        choices=["none", "oracle", "trace"],
+        help="prefetcher (timed mode): the trace's future or its pred_h columns",
+    )
     p.add_argument("--horizon", type=int, help="prefetch horizon in layers")
-    p.add_argument("--pin", action="append", metavar="LAYER:EXPERT", default=None,
-                   help="keep this expert resident for good (repeatable)")
+    p.add_argument(
+        "--pin",
+        action="append",
+        metavar="LAYER:EXPERT",
+        default=None,
+        help="keep this expert resident for good (repeatable)",
+    )
     p.add_argument("--profile", metavar="TRACE", help="profiling trace for 'static'")
     p.add_argument("--config", metavar="TOML", help="configuration file (e.g. sim.toml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set compute.dense_s=2e-4")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set compute.dense_s=2e-4",
+    )
     p.add_argument("--events", metavar="CSV", help="write the timeline (timed mode) to CSV")
-    p.add_argument("--events-limit", type=int, default=100_000,
-                   help="most events kept for --events")
+    p.add_argument(
+        "--events-limit", type=int, default=100_000, help="most events kept for --events"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line per run")
     p.set_defaults(func=run_cli)
 

@@ -41,8 +41,9 @@ def test_json_lines_one_per_policy_and_bandwidth(capsys, trace_path):
         ("lru", 10), ("lru", 20), ("belady", 10), ("belady", 20)]  # fmt: skip
     for r in rows:
         assert KEYS <= set(r)
-        assert r["cache_slots"] == 6 and r["hits"] + r["misses"] + r["inflight_hits"] == r[
-            "accesses"]
+        assert (
+            r["cache_slots"] == 6 and r["hits"] + r["misses"] + r["inflight_hits"] == r["accesses"]
+        )
     assert rows[0]["stall_s"] > rows[1]["stall_s"]  # a faster link stalls less
     assert rows[2]["misses"] <= rows[0]["misses"]  # Belady is a lower bound
 

@@ -118,8 +118,18 @@ def test_wrong_prefetch_wastes_the_link():
     its fetch waits for the link: 2.2-3.2, compute 3.2-3.7. Stall 1.0 + 1.3."""
     tr = _trace(2, 4, 1, [[[0], [0]]], preds=[[0], [1]])
     res = run(prepare(tr), _cfg(2, dense=0.2, prefetch="trace"), "lru")
-    _check(res, total_s=3.7 * MS, stall_s=2.3 * MS, misses=2, hits=0, prefetch_issued=1,
-           prefetch_used=0, prefetch_wasted=1, prefetch_wasted_bytes=1000, bytes_moved=3000)
+    _check(
+        res,
+        total_s=3.7 * MS,
+        stall_s=2.3 * MS,
+        misses=2,
+        hits=0,
+        prefetch_issued=1,
+        prefetch_used=0,
+        prefetch_wasted=1,
+        prefetch_wasted_bytes=1000,
+        bytes_moved=3000,
+    )
 
 
 def test_cancelled_prefetches_free_the_link():
@@ -190,8 +200,10 @@ def test_invariants_on_random_traces(seed):
                 assert r["total_s"] >= r["compute_s"] - 1e-12
                 assert r["total_s"] == pytest.approx(r["compute_s"] + r["stall_s"], rel=1e-9)
                 assert r["link_busy"] <= 1.0 + 1e-9
-                assert r["prefetch_used"] + r["prefetch_wasted"] + r["prefetch_cancelled"] <= (
-                    r["prefetch_issued"])
+                assert (
+                    r["prefetch_used"] + r["prefetch_wasted"] + r["prefetch_cancelled"]
+                    <= (r["prefetch_issued"])
+                )
                 if prefetch == "none":
                     assert r["bytes_moved"] == r["misses"] * 1000
                     assert r["prefetch_issued"] == 0
