@@ -171,12 +171,14 @@ def run(
     profile: Prepared | None = None,
     free_prefetch: bool = False,
     reset_groups: np.ndarray | None = None,
+    measure_groups: np.ndarray | None = None,
 ) -> dict:
     """Replay ``prep`` under one policy; returns the result record (JSON-ready dict).
 
     ``free_prefetch`` (count mode): the prefetcher's experts are inserted at zero cost right
     before their layer (the setting MoE-Beyond reports). ``reset_groups``: bool[G], empty the
-    cache before these groups (e.g. per prompt).
+    cache before these groups (e.g. per prompt). ``measure_groups``: bool[G], count only these
+    groups' accesses (others warm the cache up); both count mode only.
     """
     spec, values = parse_policy(policy)
     r = cfg.replay
@@ -219,16 +221,16 @@ def run(
             )
         else:
             pf_off, pf_obj, _ = empty_lists(acc.num_groups)
-        reset = (np.zeros(0, np.bool_) if reset_groups is None
-                 else np.ascontiguousarray(reset_groups, np.bool_))  # fmt: skip
+        reset = _bool_mask(reset_groups, acc.num_groups, "reset_groups")
+        measure = _bool_mask(measure_groups, acc.num_groups, "measure_groups")
         t0 = time.perf_counter()
         K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use, atomic,
-                       pf_off, pf_obj, reset, prep.obj_bytes, cnt, hits_layer,
+                       pf_off, pf_obj, reset, measure, prep.obj_bytes, cnt, hits_layer,
                        acc_layer, *K.count_scratch(acc.num_objects))  # fmt: skip
         kernel_s = time.perf_counter() - t0
     else:
-        if free_prefetch or reset_groups is not None:
-            raise ConfigError("free prefetch and cache resets are count-mode settings")
+        if free_prefetch or reset_groups is not None or measure_groups is not None:
+            raise ConfigError("free prefetch, cache resets and warm-up are count-mode settings")
         if r.prefetch != "none":
             pf_off, pf_obj, pf_tgt = issue_lists(prep.trace, acc, r.prefetch, r.horizon)
         else:
@@ -257,6 +259,15 @@ def run(
             })  # fmt: skip
     return _result(prep, cfg, spec.name, policy, geo, cnt, fl, hits_layer, acc_layer,
                    stall_layer, kernel_s, events, free_prefetch)  # fmt: skip
+
+
+def _bool_mask(mask, n_groups: int, name: str) -> np.ndarray:
+    if mask is None:
+        return np.zeros(0, np.bool_)
+    mask = np.ascontiguousarray(mask, np.bool_)
+    if mask.shape != (n_groups,):
+        raise ConfigError(f"{name}: expected one flag per step-layer group ({n_groups})")
+    return mask
 
 
 def hardware_vector(prep: Prepared, cfg: SimConfig) -> np.ndarray:

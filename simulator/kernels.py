@@ -257,6 +257,7 @@ def replay_count(
     pf_off,
     pf_obj,
     reset,
+    measure,
     obj_bytes,
     cnt,
     hits_layer,
@@ -267,6 +268,7 @@ def replay_count(
 ):
     """Count-mode replay. ``pf_off``/``pf_obj``: experts inserted for free right before each
     group (free prefetch; empty lists for none). ``reset[g]`` True empties the cache first.
+    ``measure[g]`` False replays group g without counting it (warm-up); empty = count all.
     ``pf_flag``, ``need_by``, ``arrive``: scratch from :func:`count_scratch`."""
     n_groups = g_layer.shape[0]
     n_obj = status.shape[0]
@@ -316,25 +318,26 @@ def replay_count(
                         cnt[C_PF_DROPPED] += 1
                 elif status[o] == RESIDENT:
                     touch(oi, of, links, heap, parts, ip, fp, o)
-        acc_layer[lay] += a1 - a0
+        w = 1 if measure.shape[0] == 0 or measure[g] else 0
+        acc_layer[lay] += w * (a1 - a0)
         for a in range(a0, a1):
             o = obj[a]
             ip[IP_CLOCK] += 1
             oi[o, OI_NEXT] = next_use[a]
             s = status[o]
             if s == RESIDENT:
-                cnt[C_HITS] += 1
-                hits_layer[lay] += 1
+                cnt[C_HITS] += w
+                hits_layer[lay] += w
                 touch(oi, of, links, heap, parts, ip, fp, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
             elif s == PINNED:
-                cnt[C_HITS] += 1
-                hits_layer[lay] += 1
+                cnt[C_HITS] += w
+                hits_layer[lay] += w
             else:
-                cnt[C_MISSES] += 1
-                cnt[C_BYTES] += obj_bytes[o]
+                cnt[C_MISSES] += w
+                cnt[C_BYTES] += w * obj_bytes[o]
                 if nocache:
                     observe_miss(oi, of, ip, fp, o)
                 elif _make_room(

@@ -174,3 +174,44 @@ def test_atomic_protects_members_where_sequential_evicts_them():
     prep = prepare(tr)
     assert run(prep, _cfg(slots=2, access="sequential"), "lru")["misses"] == 4
     assert run(prep, _cfg(slots=2, access="atomic"), "lru")["misses"] == 3
+
+
+def _one_layer(experts, preds=None):
+    from traces.format import TraceMeta
+    from traces.io import trace_from_arrays
+
+    n = len(experts)
+    meta = TraceMeta(model="t", num_layers=1, experts_per_layer=4, top_k=1, expert_bytes=10)
+    pred = None if preds is None else {1: (np.arange(n + 1), np.asarray(preds))}
+    return trace_from_arrays(meta, step=range(n), seq=[0] * n, pos=range(n), phase=[1] * n,
+                             layer=[0] * n, offsets=np.arange(n + 1), experts=experts,
+                             preds=pred)  # fmt: skip
+
+
+def test_free_prefetch_inserts_predicted_experts_at_no_cost():
+    """Perfect predictions for tokens 0, 1, 2, 0 and 2 slots: every expert is inserted right
+    before its layer, so every access hits; 4 insertions (0 was evicted by 2), no bytes moved."""
+    prep = prepare(_one_layer([0, 1, 2, 0], preds=[0, 1, 2, 0]))
+    cfg = _cfg(slots=2)
+    cfg.replay.prefetch = "trace"
+    r = run(prep, cfg, "lru", free_prefetch=True)
+    assert (r["hits"], r["misses"], r["bytes_moved"]) == (4, 0, 0)
+    assert (r["prefetch_issued"], r["prefetch_used"], r["prefetch_wasted"]) == (4, 4, 0)
+    assert r["prefetch"] == "free-trace"
+    # wrong predictions: inserted, evicted unused (wasted), and the real expert still misses
+    r = run(prepare(_one_layer([0, 1, 0], preds=[2, 3, 2])), cfg, "lru", free_prefetch=True)
+    assert (r["hits"], r["misses"]) == (0, 3)
+    assert r["prefetch_wasted"] == r["prefetch_issued"] == 3
+
+
+def test_reset_and_warm_up_groups():
+    """Tokens use 0, 1, 0 with 2 slots: LRU misses, misses, hits. Emptying the cache before
+    the third turns its hit into a miss; not measuring the first leaves 2 counted accesses."""
+    prep = prepare(_one_layer([0, 1, 0]))
+    cfg = _cfg(slots=2)
+    assert run(prep, cfg, "lru")["misses"] == 2
+    assert run(prep, cfg, "lru", reset_groups=[False, False, True])["misses"] == 3
+    r = run(prep, cfg, "lru", measure_groups=[False, True, True])
+    assert (r["accesses"], r["hits"], r["misses"]) == (2, 1, 1)
+    with pytest.raises(Exception, match="one flag per step-layer group"):
+        run(prep, cfg, "lru", measure_groups=[True])
