@@ -18,6 +18,8 @@ COMMANDS = [
     "simulator.cmd_demo",
     "simulator.cmd_replay",
     "simulator.cmd_export",
+    "simulator.cmd_train",
+    "simulator.cmd_predict",
     "traces.cmd_import",
     "traces.cmd_synth",
     "traces.cmd_stats",
