@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulator.config import apply_overrides, load_config
+from policies.registry import POLICIES
+from simulator.config import SimConfig, apply_overrides, load_config
 from simulator.engine import prepare, run
 from simulator.report import json_line, table
 from simulator.warmup import warm_up
@@ -14,22 +15,24 @@ from traces.io import atomic_path, read_trace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    d = SimConfig()
     p = sub.add_parser(
         "replay",
         help="replay a trace through a GPU expert cache under one or more policies",
         description="Replay every (step, layer, expert) access of TRACE through a simulated GPU "
         "expert cache. Count mode counts hits and misses; timed mode also models the PCIe link "
         "(bandwidth, latency, copy engines), GPU compute and the stalls that misses cause. "
-        "Settings come from --config (TOML, see sim.toml), then --set, then the flags below.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "Settings come from --config (TOML, see sim.toml; defaults shown below), then --set, "
+        "then the flags. docs/simulator.md defines every reported figure.",
     )
     p.add_argument("trace", help="trace file (.parquet) or folder of parts")
     p.add_argument(
         "--policy",
         action="append",
         metavar="NAME",
-        help="eviction policy, repeatable: lru, fifo, lfu, lfu-perfect, "
-        "lfu-aged[:half_life=N], belady, static, none (default: from config)",
+        help="eviction policy, repeatable: "
+        + ", ".join(POLICIES)
+        + f"; parameters as NAME:key=value (default: {' '.join(d.replay.policies)})",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--cache-slots", type=int, metavar="N", help="cache size in experts")
@@ -37,32 +40,65 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-fraction",
         type=float,
         metavar="F",
-        help="cache size as a fraction of all routed experts",
+        help=f"cache size as a fraction of all routed experts (default: {d.cache.fraction})",
     )
     size.add_argument("--cache-bytes", type=int, metavar="B", help="cache size in bytes")
-    p.add_argument("--scope", choices=["global", "per-layer"], help="one pool or per-layer")
-    p.add_argument("--mode", choices=["count", "timed"], help="count: hits/misses only")
+    p.add_argument(
+        "--scope",
+        choices=["global", "per-layer"],
+        help=f"one pool for all layers, or per-layer partitions (default: {d.cache.scope})",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["count", "timed"],
+        help=f"count: hits and misses only; timed: link, compute, stalls "
+        f"(default: {d.replay.mode})",
+    )
     p.add_argument(
         "--access",
         choices=["atomic", "sequential"],
         help="atomic: a layer's experts are protected together (runtimes); "
-        "sequential: each access alone (classic cache simulators)",
+        "sequential: each access alone (classic cache simulators) "
+        f"(default: {d.replay.access})",
     )
     p.add_argument(
         "--bandwidth-gbps",
         type=float,
         nargs="+",
         metavar="X",
-        help="link bandwidth(s) in GB/s; several values run each policy at each",
+        help="link bandwidth(s) in GB/s; several values run each policy at each "
+        f"(default: {d.link.bandwidth_gbps:g})",
     )
-    p.add_argument("--latency-s", type=float, help="fixed cost per transfer, seconds")
-    p.add_argument("--engines", type=int, help="copy engines (transfers at once)")
+    p.add_argument(
+        "--latency-s",
+        type=float,
+        metavar="S",
+        help=f"fixed cost per transfer, seconds (default: {d.link.latency_s:g})",
+    )
+    p.add_argument(
+        "--engines",
+        type=int,
+        metavar="N",
+        help=f"copy engines: transfers at once (default: {d.link.engines})",
+    )
     p.add_argument(
         "--prefetch",
         choices=["none", "oracle", "trace"],
-        help="prefetcher (timed mode): the trace's future or its pred_h columns",
+        help="prefetcher: 'oracle' knows the trace's future, 'trace' uses its "
+        f"pred_h{{H}} columns (default: {d.replay.prefetch})",
     )
-    p.add_argument("--horizon", type=int, help="prefetch horizon in layers")
+    p.add_argument(
+        "--horizon",
+        type=int,
+        metavar="H",
+        help=f"prefetch horizon in layers (default: {d.replay.horizon})",
+    )
+    p.add_argument(
+        "--free-prefetch",
+        action="store_true",
+        help="count mode: the prefetcher's experts become resident at zero cost "
+        "right before their layer (MoE-Beyond's setting; labelled 'free-...')",
+    )
     p.add_argument(
         "--pin",
         action="append",
@@ -70,7 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="keep this expert resident for good (repeatable)",
     )
-    p.add_argument("--profile", metavar="TRACE", help="profiling trace for 'static'")
+    p.add_argument(
+        "--profile",
+        metavar="TRACE",
+        help="profiling trace for 'static' (default: the replayed trace)",
+    )
     p.add_argument("--config", metavar="TOML", help="configuration file (e.g. sim.toml)")
     p.add_argument(
         "--set",
@@ -81,9 +121,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--events", metavar="CSV", help="write the timeline (timed mode) to CSV")
     p.add_argument(
-        "--events-limit", type=int, default=100_000, help="most events kept for --events"
+        "--events-limit",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="most events kept per run for --events (default: 100000)",
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line per run")
+    p.add_argument("--json", action="store_true", help="one JSON object per run, one per line")
     p.set_defaults(func=run_cli)
 
 
@@ -107,6 +151,8 @@ def build_config(args: argparse.Namespace):
     for key in ("mode", "access", "prefetch", "horizon"):
         if getattr(args, key) is not None:
             setattr(r, key, getattr(args, key))
+    if args.free_prefetch and (r.mode != "count" or r.prefetch == "none"):
+        raise ConfigError("--free-prefetch: needs --mode count and a --prefetch source")
     if args.events:
         if r.mode != "timed":
             raise ConfigError("--events: the timeline exists in timed mode only")
@@ -133,7 +179,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for policy in cfg.replay.policies:
         for bw in bandwidths:
             cfg.link.bandwidth_gbps = bw
-            rec = run(prep, cfg, policy, profile=profile)
+            rec = run(prep, cfg, policy, profile=profile, free_prefetch=args.free_prefetch)
             rec["bandwidth_gbps"] = bw if cfg.replay.mode == "timed" else None
             records.append(rec)
             if args.json:

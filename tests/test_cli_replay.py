@@ -87,6 +87,7 @@ def test_events_csv(capsys, trace_path, tmp_path):
         (["--cache-slots", "6", "--mode", "count", "--events", "x.csv"], "timed mode only"),
         (["--cache-slots", "6", "--pin", "7:0"], "no expert '7:0'"),
         (["--cache-slots", "6", "--set", "link.speed=3"], "unknown key 'link.speed'"),
+        (["--cache-slots", "6", "--free-prefetch"], "needs --mode count and a --prefetch"),
     ],
 )
 def test_bad_configuration_is_one_line(capsys, trace_path, args, message):
@@ -150,3 +151,11 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("demo", "replay", "export", "import", "synth", "stats"):
         assert cmd in out
+
+
+def test_free_prefetch_flag(capsys, trace_path):
+    code, out, _ = _run(capsys, "replay", trace_path, "--policy", "lru", "--cache-slots", "6",
+                        "--mode", "count", "--prefetch", "oracle", "--free-prefetch", "--json")  # fmt: skip
+    r = json.loads(out)
+    assert code == 0 and r["prefetch"] == "free-oracle"
+    assert r["hits"] == r["accesses"] and r["bytes_moved"] == 0
