@@ -107,6 +107,7 @@ def timed_scratch(n_obj: int, n_engines: int):
         np.zeros(n_obj, np.int8),  # m_state
         np.zeros(n_obj, np.int8),  # m_late: 1 if waiting on a late prefetch
         np.zeros(n_obj, np.int64),  # m_order: members in the order they compute
+        np.zeros(n_obj, np.float64),  # xfer: transfer seconds of each expert
     )
 
 
@@ -404,7 +405,7 @@ def _advance(
     eng,
     arrive,
     obj_bytes,
-    hw,
+    xfer,
     cnt,
     fl,
     ev_kind,
@@ -441,7 +442,7 @@ def _advance(
         o = pend[bi, 0]
         issue = pend_t[bi]
         start = max(f, issue)
-        dur = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
+        dur = xfer[o]
         end = start + dur
         eng[e] = end
         arrive[o] = end
@@ -502,6 +503,7 @@ def replay_timed(
     m_state,
     m_late,
     m_order,
+    xfer,
 ):
     """Timed replay: a compute stream, a link of ``hw[H_ENGINES]`` copy engines, the cache.
 
@@ -510,11 +512,13 @@ def replay_timed(
     the order they become ready; the compute stream stalls while the next expert is in flight.
     At ``t_gate`` the prefetch lists issued by this group (``pf_off``/``pf_obj`` with target
     groups ``pf_tgt``) are queued behind demand fetches.
-    The last ten arguments are scratch arrays from :func:`timed_scratch`.
+    The last eleven arguments are scratch arrays from :func:`timed_scratch`.
     """
     n_groups = g_layer.shape[0]
     n_obj = status.shape[0]
     nocache = ip[IP_STRUCT] == STRUCT_NONE
+    for o in range(n_obj):  # transfer seconds per expert
+        xfer[o] = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
     npend = 0
     seq = 0
     # m_state: 0 waiting, 1 deferred (no slot yet), 2 computed, 3 issued (read its arrival)
@@ -544,7 +548,7 @@ def replay_timed(
         fl[F_DENSE] += dense
         cur += dense
         now = cur
-        npend = _advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+        npend = _advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
         if atomic:
             for a in range(a0, a1):
@@ -646,7 +650,7 @@ def replay_timed(
                 cnt[C_PF_CANCELLED] += 1
             else:
                 i += 1
-        npend = _advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+        npend = _advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
         for k in range(m):
             if m_ready[k] < 0.0 and m_state[k] == 0:
@@ -771,7 +775,7 @@ def replay_timed(
                 npend, n_deferred = _issue_deferred(
                     status, oi, of, links, heap, parts, stash, ip, fp,
                     g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
-                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
+                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, xfer, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
                 )  # fmt: skip
                 seq += m
@@ -799,7 +803,7 @@ def replay_timed(
                 npend, n_deferred = _issue_deferred(
                     status, oi, of, links, heap, parts, stash, ip, fp,
                     g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
-                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, cnt, fl,
+                    pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, xfer, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
                 )  # fmt: skip
                 seq += m
@@ -853,6 +857,7 @@ def _issue_deferred(
     pf_flag,
     obj_bytes,
     hw,
+    xfer,
     cnt,
     fl,
     ev_kind,
@@ -862,7 +867,7 @@ def _issue_deferred(
     ev_t1,
 ):
     """Fetch deferred experts of the group (in access order) for which a slot can be freed."""
-    npend = _advance(cur, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+    npend = _advance(cur, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer, cnt, fl,
                      ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
     issued = False
     for k in range(m):
@@ -901,7 +906,7 @@ def _issue_deferred(
         n_deferred -= 1
         issued = True
     if issued:
-        npend = _advance(cur, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, hw, cnt, fl,
+        npend = _advance(cur, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
         for k in range(m):
             if m_state[k] == 3:
