@@ -283,7 +283,10 @@ def replay_count(
             for o in range(n_obj):
                 if status[o] == RESIDENT:
                     remove(status, oi, of, links, heap, parts, ip, o)
-                    pf_flag[o] = 0
+                    if pf_flag[o] != 0:  # a prefetched expert dropped unused was wasted
+                        pf_flag[o] = 0
+                        cnt[C_PF_WASTED] += 1
+                        cnt[C_PF_WASTED_BYTES] += oi[o, OI_BYTES]
         if atomic:
             for a in range(a0, a1):
                 oi[obj[a], OI_PIN] = b + 1

@@ -215,3 +215,12 @@ def test_reset_and_warm_up_groups():
     assert (r["accesses"], r["hits"], r["misses"]) == (2, 1, 1)
     with pytest.raises(Exception, match="one flag per step-layer group"):
         run(prep, cfg, "lru", measure_groups=[True])
+
+
+def test_prefetches_dropped_by_a_reset_count_as_wasted():
+    prep = prepare(_one_layer([0, 1, 0, 1], preds=[2, 3, 0, 2]))
+    cfg = _cfg(slots=2)
+    cfg.replay.prefetch = "trace"
+    r = run(prep, cfg, "lru", free_prefetch=True, reset_groups=[False, False, True, False])
+    assert r["prefetch_used"] + r["prefetch_wasted"] == r["prefetch_issued"]
+    assert r["prefetch_wasted"] >= 2  # 2 and 3 were never used; 3 was dropped by the reset
