@@ -13,6 +13,7 @@ from numba import njit
 from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
 from policies.spec import STRUCT_HEAP, STRUCT_LIST
 from policies.state import (
+    H_OBJ,
     IN_FLIGHT,
     IP_COUNTS_MISSES,
     IP_EVENTS,
@@ -21,8 +22,6 @@ from policies.state import (
     IP_POLICY,
     IP_STRUCT,
     L_PREV,
-    OF_K1,
-    OI_K2,
     OI_PART,
     OI_PIN,
     OI_SIZE,
@@ -38,6 +37,7 @@ from policies.structures import (
     list_move_front,
     list_push_front,
     list_unlink,
+    row_less,
 )
 from traces._jit import HOT
 
@@ -129,6 +129,45 @@ def evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
     return need_by[o] > need_limit
 
 
+@njit(**HOT)
+def _frontier_push(stash, m, heap, base, pos):
+    """Push heap position ``pos`` onto the frontier min-heap ``stash[:m]``; returns m + 1."""
+    j = m
+    stash[j] = pos
+    while j > 0:
+        parent = (j - 1) >> 1
+        if row_less(heap, base + stash[j], base + stash[parent]):
+            t = stash[j]
+            stash[j] = stash[parent]
+            stash[parent] = t
+            j = parent
+        else:
+            break
+    return m + 1
+
+
+@njit(**HOT)
+def _frontier_pop(stash, m, heap, base):
+    """Remove the frontier's smallest position (stash[0]); returns m - 1."""
+    m -= 1
+    stash[0] = stash[m]
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= m:
+            break
+        if c + 1 < m and row_less(heap, base + stash[c + 1], base + stash[c]):
+            c += 1
+        if row_less(heap, base + stash[c], base + stash[j]):
+            t = stash[j]
+            stash[j] = stash[c]
+            stash[c] = t
+            j = c
+        else:
+            break
+    return m
+
+
 @njit(inline="always", **HOT)
 def victim(status, oi, of, links, heap, parts, stash, ip, p, pin_lo, pin_hi, need_by, need_limit,
            arrive, now):  # fmt: skip
@@ -148,32 +187,24 @@ def victim(status, oi, of, links, heap, parts, stash, ip, p, pin_lo, pin_hi, nee
     n = parts[p, P_HLEN]
     if n == 0:
         return -1
-    root = heap[base]
+    root = int(heap[base, H_OBJ])
     if evictable(status, oi, root, pin_lo, pin_hi, need_by, need_limit, arrive, now):
         return root
-    # Best-first search over the heap: the frontier holds heap positions (in stash).
+    # Best-first search in key order: a frontier min-heap of heap positions (in stash).
     m = 0
-    for c in (1, 2):
-        if c < n:
-            stash[m] = c
-            m += 1
+    if n > 1:
+        m = _frontier_push(stash, m, heap, base, 1)
+    if n > 2:
+        m = _frontier_push(stash, m, heap, base, 2)
     while m > 0:
-        best = 0
-        bo = heap[base + stash[0]]
-        for j in range(1, m):
-            q = heap[base + stash[j]]
-            if of[q, OF_K1] < of[bo, OF_K1] or (
-                of[q, OF_K1] == of[bo, OF_K1] and oi[q, OI_K2] < oi[bo, OI_K2]
-            ):
-                best = j
-                bo = q
-        i = stash[best]
-        m -= 1
-        stash[best] = stash[m]
-        if evictable(status, oi, bo, pin_lo, pin_hi, need_by, need_limit, arrive, now):
-            return bo
-        for c in (2 * i + 1, 2 * i + 2):
-            if c < n:
-                stash[m] = c
-                m += 1
+        i = stash[0]
+        m = _frontier_pop(stash, m, heap, base)
+        o = int(heap[base + i, H_OBJ])
+        if evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+            return o
+        c = 2 * i + 1
+        if c < n:
+            m = _frontier_push(stash, m, heap, base, c)
+        if c + 1 < n:
+            m = _frontier_push(stash, m, heap, base, c + 1)
     return -1

@@ -57,6 +57,12 @@ IP_STRUCT = 3  # STRUCT_LIST / STRUCT_HEAP / STRUCT_NONE of the policy
 IP_EVENTS = 4  # admissions and touches so far: a unique, increasing tie-break stamp
 IP_MOVE_ON_HIT = 5  # list policies: 1 if a hit moves the object to the recent end
 IP_COUNTS_MISSES = 6  # 1 if the hook also sees uses of objects that are not cached
+IP_FUTURE = 7  # 1 if the policy reads OI_NEXT (the kernels then keep it up to date)
+
+# heap: float64[O, 3] rows of per-partition indexed min-heaps, keys stored inline for locality
+H_K1 = 0  # copy of the object's OF_K1
+H_K2 = 1  # copy of its OI_K2 (exact as a float below 2**53)
+H_OBJ = 2  # the object
 
 # fp: float parameters, policy-specific (documented by each policy)
 FP_0 = 0
@@ -70,8 +76,8 @@ class CacheState(NamedTuple):
     status (int8[O]): ABSENT / RESIDENT / IN_FLIGHT / PINNED.
     oi (int64[O, N_OI]), of (float64[O, N_OF]): per-object fields (see the OI_/OF_ columns).
     links (int32[O+P, 2]): per-partition circular lists.
-    heap (int32[O]): per-partition indexed min-heaps; partition p uses
-        ``heap[parts[p, P_HBASE]:parts[p, P_HBASE] + parts[p, P_HLEN]]``.
+    heap (float64[O, 3]): per-partition indexed min-heaps of rows (k1, k2, object); partition
+        p uses rows ``parts[p, P_HBASE]:parts[p, P_HBASE] + parts[p, P_HLEN]``.
     parts (int64[P, N_P]): used, capacity and heap bounds of each partition.
     stash (int32[O]): scratch space for the ordered search of a heap.
     ip (int64[8]), fp (float64[8]): policy id, clocks and policy parameters.
@@ -151,7 +157,7 @@ def new_state(
         oi=oi,
         of=np.zeros((n_obj, N_OF), np.float64),
         links=links,
-        heap=np.full(n_obj, -1, np.int32),
+        heap=np.zeros((n_obj, 3), np.float64),
         parts=parts,
         stash=np.zeros(n_obj + 2, np.int32),
         ip=ip,

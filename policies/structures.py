@@ -1,14 +1,27 @@
 """Jitted data structures the policies share: per-partition circular lists and indexed min-heaps.
 
 Lists give O(1) LRU/FIFO; heaps give O(log n) for any policy that ranks residents by a key
-``(k1, k2)`` (smallest is evicted first). All functions take plain arrays (see state.py).
+``(k1, k2)`` (smallest is evicted first). Heap rows hold a copy of the key next to the object,
+so sifting touches one contiguous array. All functions take plain arrays (see state.py).
 """
 
 from __future__ import annotations
 
 from numba import njit
 
-from policies.state import L_NEXT, L_PREV, OF_K1, OI_HPOS, OI_K2, OI_PART, P_HBASE, P_HLEN
+from policies.state import (
+    H_K1,
+    H_K2,
+    H_OBJ,
+    L_NEXT,
+    L_PREV,
+    OF_K1,
+    OI_HPOS,
+    OI_K2,
+    OI_PART,
+    P_HBASE,
+    P_HLEN,
+)
 from traces._jit import HOT
 
 
@@ -50,52 +63,65 @@ def list_move_front(links, parts, oi, o):
 
 # --------------------------------------------------------------------------- heaps
 @njit(**HOT)
-def less(oi, of, a, b):
-    """Whether object ``a`` ranks before ``b`` (is evicted first)."""
-    ka = of[a, OF_K1]
-    kb = of[b, OF_K1]
-    if ka < kb:
+def row_less(heap, i, j):
+    """Whether heap row ``i`` ranks before row ``j`` (is evicted first)."""
+    a = heap[i, H_K1]
+    b = heap[j, H_K1]
+    if a < b:
         return True
-    if ka > kb:
+    if a > b:
         return False
-    return oi[a, OI_K2] < oi[b, OI_K2]
+    return heap[i, H_K2] < heap[j, H_K2]
 
 
 @njit(**HOT)
-def _sift_up(heap, oi, of, base, i):
-    o = heap[base + i]
+def _sift_up(heap, oi, base, i):
+    k1 = heap[base + i, H_K1]
+    k2 = heap[base + i, H_K2]
+    ob = heap[base + i, H_OBJ]
     while i > 0:
         parent = (i - 1) >> 1
-        q = heap[base + parent]
-        if less(oi, of, o, q):
-            heap[base + i] = q
-            oi[q, OI_HPOS] = i
+        r = base + parent
+        pk1 = heap[r, H_K1]
+        if k1 < pk1 or (k1 == pk1 and k2 < heap[r, H_K2]):
+            heap[base + i, H_K1] = pk1
+            heap[base + i, H_K2] = heap[r, H_K2]
+            heap[base + i, H_OBJ] = heap[r, H_OBJ]
+            oi[int(heap[r, H_OBJ]), OI_HPOS] = i
             i = parent
         else:
             break
-    heap[base + i] = o
-    oi[o, OI_HPOS] = i
+    heap[base + i, H_K1] = k1
+    heap[base + i, H_K2] = k2
+    heap[base + i, H_OBJ] = ob
+    oi[int(ob), OI_HPOS] = i
 
 
 @njit(**HOT)
-def _sift_down(heap, oi, of, base, n, i):
-    o = heap[base + i]
+def _sift_down(heap, oi, base, n, i):
+    k1 = heap[base + i, H_K1]
+    k2 = heap[base + i, H_K2]
+    ob = heap[base + i, H_OBJ]
     while True:
         c = 2 * i + 1
         if c >= n:
             break
-        r = c + 1
-        if r < n and less(oi, of, heap[base + r], heap[base + c]):
-            c = r
-        q = heap[base + c]
-        if less(oi, of, q, o):
-            heap[base + i] = q
-            oi[q, OI_HPOS] = i
+        if c + 1 < n and row_less(heap, base + c + 1, base + c):
+            c += 1
+        r = base + c
+        ck1 = heap[r, H_K1]
+        if ck1 < k1 or (ck1 == k1 and heap[r, H_K2] < k2):
+            heap[base + i, H_K1] = ck1
+            heap[base + i, H_K2] = heap[r, H_K2]
+            heap[base + i, H_OBJ] = heap[r, H_OBJ]
+            oi[int(heap[r, H_OBJ]), OI_HPOS] = i
             i = c
         else:
             break
-    heap[base + i] = o
-    oi[o, OI_HPOS] = i
+    heap[base + i, H_K1] = k1
+    heap[base + i, H_K2] = k2
+    heap[base + i, H_OBJ] = ob
+    oi[int(ob), OI_HPOS] = i
 
 
 @njit(**HOT)
@@ -103,10 +129,11 @@ def heap_push(heap, parts, oi, of, o):
     p = oi[o, OI_PART]
     base = parts[p, P_HBASE]
     n = parts[p, P_HLEN]
-    heap[base + n] = o
-    oi[o, OI_HPOS] = n
+    heap[base + n, H_K1] = of[o, OF_K1]
+    heap[base + n, H_K2] = oi[o, OI_K2]
+    heap[base + n, H_OBJ] = o
     parts[p, P_HLEN] = n + 1
-    _sift_up(heap, oi, of, base, n)
+    _sift_up(heap, oi, base, n)
 
 
 @njit(**HOT)
@@ -119,22 +146,25 @@ def heap_remove(heap, parts, oi, of, o):
     oi[o, OI_HPOS] = -1
     if i == n:
         return
-    last = heap[base + n]
-    heap[base + i] = last
-    oi[last, OI_HPOS] = i
-    if i > 0 and less(oi, of, last, heap[base + ((i - 1) >> 1)]):
-        _sift_up(heap, oi, of, base, i)
+    heap[base + i, H_K1] = heap[base + n, H_K1]
+    heap[base + i, H_K2] = heap[base + n, H_K2]
+    heap[base + i, H_OBJ] = heap[base + n, H_OBJ]
+    oi[int(heap[base + i, H_OBJ]), OI_HPOS] = i
+    if i > 0 and row_less(heap, base + i, base + ((i - 1) >> 1)):
+        _sift_up(heap, oi, base, i)
     else:
-        _sift_down(heap, oi, of, base, n, i)
+        _sift_down(heap, oi, base, n, i)
 
 
 @njit(**HOT)
 def heap_update(heap, parts, oi, of, o):
-    """Restore heap order after object ``o``'s key changed (either direction)."""
+    """Restore heap order after object ``o``'s key (OF_K1, OI_K2) changed, either way."""
     p = oi[o, OI_PART]
     base = parts[p, P_HBASE]
     i = oi[o, OI_HPOS]
-    if i > 0 and less(oi, of, o, heap[base + ((i - 1) >> 1)]):
-        _sift_up(heap, oi, of, base, i)
+    heap[base + i, H_K1] = of[o, OF_K1]
+    heap[base + i, H_K2] = oi[o, OI_K2]
+    if i > 0 and row_less(heap, base + i, base + ((i - 1) >> 1)):
+        _sift_up(heap, oi, base, i)
     else:
-        _sift_down(heap, oi, of, base, parts[p, P_HLEN], i)
+        _sift_down(heap, oi, base, parts[p, P_HLEN], i)

@@ -14,7 +14,15 @@ import pandas as pd
 
 from policies.registry import parse_policy
 from policies.spec import STRUCT_NONE, PolicySpec
-from policies.state import IP_COUNTS_MISSES, IP_MOVE_ON_HIT, OI_NEXT, P_USED, PINNED, new_state
+from policies.state import (
+    IP_COUNTS_MISSES,
+    IP_FUTURE,
+    IP_MOVE_ON_HIT,
+    OI_NEXT,
+    P_USED,
+    PINNED,
+    new_state,
+)
 from simulator import kernels as K
 from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
@@ -189,6 +197,7 @@ def run(
                    _fparams(spec, values), nbytes=prep.obj_bytes)  # fmt: skip
     st.ip[IP_MOVE_ON_HIT] = int(spec.move_on_hit)
     st.ip[IP_COUNTS_MISSES] = int(spec.counts_misses)
+    st.ip[IP_FUTURE] = int(spec.uses_future)
     st.oi[:, OI_NEXT] = prep.first_use
     pinned = _pinned_objects(prep, cfg.cache.pinned)
     if pinned.size and not nocache:

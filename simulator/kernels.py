@@ -19,6 +19,7 @@ from policies.state import (
     ABSENT,
     IN_FLIGHT,
     IP_CLOCK,
+    IP_FUTURE,
     IP_STRUCT,
     OI_BYTES,
     OI_NEXT,
@@ -274,6 +275,7 @@ def replay_count(
     n_groups = g_layer.shape[0]
     n_obj = status.shape[0]
     nocache = ip[IP_STRUCT] == STRUCT_NONE
+    future = ip[IP_FUTURE] != 0  # keep each expert's next-access index (Belady)
     for g in range(n_groups):
         a0 = g_off[g]
         a1 = g_off[g + 1]
@@ -327,7 +329,8 @@ def replay_count(
         for a in range(a0, a1):
             o = obj[a]
             ip[IP_CLOCK] += 1
-            oi[o, OI_NEXT] = next_use[a]
+            if future:
+                oi[o, OI_NEXT] = next_use[a]
             s = status[o]
             if s == RESIDENT:
                 cnt[C_HITS] += w
@@ -520,6 +523,7 @@ def replay_timed(
     n_groups = g_layer.shape[0]
     n_obj = status.shape[0]
     nocache = ip[IP_STRUCT] == STRUCT_NONE
+    future = ip[IP_FUTURE] != 0  # keep each expert's next-access index (Belady)
     for o in range(n_obj):  # transfer seconds per expert
         xfer[o] = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
     npend = 0
@@ -563,7 +567,8 @@ def replay_timed(
             k = a - a0
             o = obj[a]
             ip[IP_CLOCK] += 1
-            oi[o, OI_NEXT] = next_use[a]
+            if future:
+                oi[o, OI_NEXT] = next_use[a]
             s = status[o]
             m_state[k] = 0
             m_late[k] = 0

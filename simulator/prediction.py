@@ -111,9 +111,7 @@ def score_predictions(trace: Trace, horizon: int, skip_first: int = 0) -> dict:
     if skip_first < 0:
         raise ConfigError(f"skip_first: expected an integer >= 0, got {skip_first}")
     poff, pids = trace.preds[horizon]
-    keep = (
-        token_rank(trace) >= skip_first if skip_first else np.ones(trace.num_rows, np.bool_)
-    )
+    keep = token_rank(trace) >= skip_first if skip_first else np.ones(trace.num_rows, np.bool_)
     nl = int(trace.meta.num_layers)
     emax = int(max(trace.meta.experts_per_layer))
     c = _score_kernel(

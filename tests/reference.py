@@ -34,7 +34,6 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
     clock = 0
     inserts = 0
     events = 0
-    scale = 0.0
     hits = misses = 0
     hits_layer = {}
 
@@ -54,19 +53,22 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
             return (freq[o], r["k2"])
         raise ValueError(policy)
 
+    if policy == "lfu-aged":
+        freq = [-math.inf] * n_obj
+
     def bump(o):
-        nonlocal scale
         if policy == "lfu-perfect":
             freq[o] += 1.0
         elif policy == "lfu-aged":
-            expo = clock / params.get("half_life", 1000.0) - scale
-            if expo > 830.0:
-                factor = math.pow(2.0, -expo)
-                for i in range(n_obj):
-                    freq[i] *= factor
-                scale += expo
-                expo = 0.0
-            freq[o] += math.pow(2.0, expo)
+            x = clock / params.get("half_life", 1000.0)
+            f = freq[o]
+            if f == -math.inf:
+                f = x
+            elif f >= x:
+                f = f + math.log2(1.0 + math.pow(2.0, x - f))
+            else:
+                f = x + math.log2(1.0 + math.pow(2.0, f - x))
+            freq[o] = f
 
     def admit(o):
         nonlocal inserts, events
