@@ -154,8 +154,8 @@ def test_help_lists_every_command(capsys):
 
 
 def test_free_prefetch_flag(capsys, trace_path):
-    code, out, _ = _run(capsys, "replay", trace_path, "--policy", "lru", "--cache-slots", "6",
-                        "--mode", "count", "--prefetch", "oracle", "--free-prefetch", "--json")  # fmt: skip
+    args = ["--policy", "lru", "--cache-slots", "6", "--mode", "count", "--prefetch", "oracle"]
+    code, out, _ = _run(capsys, "replay", trace_path, *args, "--free-prefetch", "--json")
     r = json.loads(out)
     assert code == 0 and r["prefetch"] == "free-oracle"
     assert r["hits"] == r["accesses"] and r["bytes_moved"] == 0
