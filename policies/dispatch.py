@@ -11,7 +11,7 @@ from __future__ import annotations
 from numba import njit
 
 from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
-from policies.spec import STRUCT_HEAP, STRUCT_LIST
+from policies.spec import STRUCT_BUCKETS, STRUCT_HEAP, STRUCT_LIST
 from policies.state import (
     H_OBJ,
     IN_FLIGHT,
@@ -21,7 +21,10 @@ from policies.state import (
     IP_MOVE_ON_HIT,
     IP_POLICY,
     IP_STRUCT,
+    L_NEXT,
     L_PREV,
+    N_HEAD,
+    N_NEXT,
     OI_PART,
     OI_PIN,
     OI_SIZE,
@@ -31,6 +34,9 @@ from policies.state import (
     RESIDENT,
 )
 from policies.structures import (
+    bucket_hit,
+    bucket_insert,
+    bucket_remove,
     heap_push,
     heap_remove,
     heap_update,
@@ -65,7 +71,7 @@ def on_access(oi, of, ip, fp, o, is_insert):
 
 
 @njit(inline="always", **HOT)
-def admit(status, oi, of, links, heap, parts, ip, fp, o, new_status):
+def admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, new_status):
     """Put ``o`` (not cached) into its partition with ``new_status`` (RESIDENT or IN_FLIGHT)."""
     status[o] = new_status
     parts[oi[o, OI_PART], P_USED] += oi[o, OI_SIZE]
@@ -77,10 +83,12 @@ def admit(status, oi, of, links, heap, parts, ip, fp, o, new_status):
         list_push_front(links, parts, oi, o)
     elif s == STRUCT_HEAP:
         heap_push(heap, parts, oi, of, o)
+    elif s == STRUCT_BUCKETS:
+        bucket_insert(nodes, links, parts, oi, ip, o)
 
 
 @njit(inline="always", **HOT)
-def touch(oi, of, links, heap, parts, ip, fp, o):
+def touch(oi, of, links, heap, nodes, parts, ip, fp, o):
     """A use of the cached object ``o``."""
     ip[IP_EVENTS] += 1
     on_access(oi, of, ip, fp, o, False)
@@ -90,6 +98,8 @@ def touch(oi, of, links, heap, parts, ip, fp, o):
             list_move_front(links, parts, oi, o)
     elif s == STRUCT_HEAP:
         heap_update(heap, parts, oi, of, o)
+    elif s == STRUCT_BUCKETS:
+        bucket_hit(nodes, links, oi, ip, o)
 
 
 @njit(inline="always", **HOT)
@@ -101,13 +111,15 @@ def observe_miss(oi, of, ip, fp, o):
 
 
 @njit(inline="always", **HOT)
-def remove(status, oi, of, links, heap, parts, ip, o):
+def remove(status, oi, of, links, heap, nodes, parts, ip, o):
     """Take ``o`` out of the cache (eviction or cancelled prefetch)."""
     s = ip[IP_STRUCT]
     if s == STRUCT_LIST:
         list_unlink(links, o)
     elif s == STRUCT_HEAP:
         heap_remove(heap, parts, oi, of, o)
+    elif s == STRUCT_BUCKETS:
+        bucket_remove(nodes, links, oi, ip, o)
     status[o] = 0
     parts[oi[o, OI_PART], P_USED] -= oi[o, OI_SIZE]
 
@@ -169,8 +181,8 @@ def _frontier_pop(stash, m, heap, base):
 
 
 @njit(inline="always", **HOT)
-def victim(status, oi, of, links, heap, parts, stash, ip, p, pin_lo, pin_hi, need_by, need_limit,
-           arrive, now):  # fmt: skip
+def victim(status, oi, of, links, heap, nodes, parts, stash, ip, p, pin_lo, pin_hi, need_by,
+           need_limit, arrive, now):  # fmt: skip
     """The policy's first evictable object in partition ``p``, or -1 if none qualifies."""
     s = ip[IP_STRUCT]
     if s == STRUCT_LIST:
@@ -180,6 +192,17 @@ def victim(status, oi, of, links, heap, parts, stash, ip, p, pin_lo, pin_hi, nee
             if evictable(status, oi, c, pin_lo, pin_hi, need_by, need_limit, arrive, now):
                 return c
             c = links[c, L_PREV]
+        return -1
+    if s == STRUCT_BUCKETS:
+        sentinel = nodes.shape[0] - parts.shape[0] + p
+        n = nodes[sentinel, N_NEXT]
+        while n != sentinel:
+            c = nodes[n, N_HEAD]
+            while c >= 0:
+                if evictable(status, oi, c, pin_lo, pin_hi, need_by, need_limit, arrive, now):
+                    return c
+                c = links[c, L_NEXT]
+            n = nodes[n, N_NEXT]
         return -1
     if s != STRUCT_HEAP:
         return -1

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 STRUCT_LIST = 0  # residents kept in a per-partition list (LRU, FIFO)
 STRUCT_HEAP = 1  # residents ranked by a key (k1, k2) in a per-partition min-heap
 STRUCT_NONE = 2  # nothing is cached
+STRUCT_BUCKETS = 3  # residents in count buckets, FIFO within a bucket (O(1) LFU)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class PolicySpec:
     Attributes:
         name: the name users pass to ``--policy``.
         pid: the integer id the kernels branch on (unique).
-        structure: STRUCT_LIST, STRUCT_HEAP or STRUCT_NONE.
+        structure: STRUCT_LIST, STRUCT_HEAP, STRUCT_BUCKETS or STRUCT_NONE.
         summary: one line for ``--help`` and docs.
         params: tunable parameters (``--policy NAME:key=value``).
         uses_future: True when the policy reads the trace's future (offline bounds such as Belady).

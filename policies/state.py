@@ -38,6 +38,15 @@ OF_K1 = 0  # heap key, first part: the victim is the smallest (k1, k2)
 OF_FREQ = 1  # counts that outlive residency (perfect/aged LFU, static profile)
 N_OF = 2
 
+# nodes: int64[O + 2 + P, 5] count buckets (LFU): a pool of bucket nodes, then one sentinel row
+# per partition heading a circular list of its non-empty buckets in increasing count order.
+# An object in a bucket policy keeps its node in OI_HPOS and its place in the bucket in links.
+N_COUNT = 0  # the bucket's count (-1 for a sentinel)
+N_HEAD = 1  # oldest object in the bucket (-1 when empty)
+N_TAIL = 2  # newest object in the bucket
+N_PREV = 3  # neighbouring buckets (sentinel-terminated circular list; free list uses N_NEXT)
+N_NEXT = 4
+
 # links: int32[O + P, 2] circular lists; row O + p is partition p's sentinel.
 L_PREV = 0  # towards the eviction end: links[sentinel, L_PREV] is the next victim
 L_NEXT = 1  # towards the recent end: links[sentinel, L_NEXT] is the most recent
@@ -58,6 +67,7 @@ IP_EVENTS = 4  # admissions and touches so far: a unique, increasing tie-break s
 IP_MOVE_ON_HIT = 5  # list policies: 1 if a hit moves the object to the recent end
 IP_COUNTS_MISSES = 6  # 1 if the hook also sees uses of objects that are not cached
 IP_FUTURE = 7  # 1 if the policy reads OI_NEXT (the kernels then keep it up to date)
+IP_BFREE = 8  # first free bucket node (-1: none)
 
 # heap: float64[O, 3] rows of per-partition indexed min-heaps, keys stored inline for locality
 H_K1 = 0  # copy of the object's OF_K1
@@ -78,9 +88,10 @@ class CacheState(NamedTuple):
     links (int32[O+P, 2]): per-partition circular lists.
     heap (float64[O, 3]): per-partition indexed min-heaps of rows (k1, k2, object); partition
         p uses rows ``parts[p, P_HBASE]:parts[p, P_HBASE] + parts[p, P_HLEN]``.
+    nodes (int64[O+2+P, 5]): count buckets for bucket policies (see the N_* columns).
     parts (int64[P, N_P]): used, capacity and heap bounds of each partition.
     stash (int32[O]): scratch space for the ordered search of a heap.
-    ip (int64[8]), fp (float64[8]): policy id, clocks and policy parameters.
+    ip (int64[16]), fp (float64[8]): policy id, clocks and policy parameters.
 
     Pass ``*state`` to the kernels: they take these arrays in this order.
     """
@@ -90,6 +101,7 @@ class CacheState(NamedTuple):
     of: np.ndarray
     links: np.ndarray
     heap: np.ndarray
+    nodes: np.ndarray
     parts: np.ndarray
     stash: np.ndarray
     ip: np.ndarray
@@ -147,9 +159,15 @@ def new_state(
     parts = np.zeros((n_part, N_P), np.int64)
     parts[:, P_CAP] = cap
     parts[:, P_HBASE] = hbase
-    ip = np.zeros(8, np.int64)
+    nodes = np.full((n_obj + 2 + n_part, 5), -1, np.int64)
+    nodes[: n_obj + 1, N_NEXT] = np.arange(1, n_obj + 2)  # the free list
+    sent = np.arange(n_obj + 2, n_obj + 2 + n_part)
+    nodes[sent, N_PREV] = sent
+    nodes[sent, N_NEXT] = sent
+    ip = np.zeros(16, np.int64)
     ip[IP_POLICY] = policy_id
     ip[IP_STRUCT] = structure
+    ip[IP_BFREE] = 0
     fp = np.zeros(8, np.float64)
     fp[: len(fparams)] = fparams
     return CacheState(
@@ -158,6 +176,7 @@ def new_state(
         of=np.zeros((n_obj, N_OF), np.float64),
         links=links,
         heap=np.zeros((n_obj, 3), np.float64),
+        nodes=nodes,
         parts=parts,
         stash=np.zeros(n_obj + 2, np.int32),
         ip=ip,

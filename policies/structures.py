@@ -1,7 +1,8 @@
 """Jitted data structures the policies share: per-partition circular lists and indexed min-heaps.
 
-Lists give O(1) LRU/FIFO; heaps give O(log n) for any policy that ranks residents by a key
-``(k1, k2)`` (smallest is evicted first). Heap rows hold a copy of the key next to the object,
+Lists give O(1) LRU/FIFO; count buckets give O(1) LFU (one FIFO list per count, as
+libCacheSim); heaps give O(log n) for any policy that ranks residents by a key ``(k1, k2)``
+(smallest is evicted first). Heap rows hold a copy of the key next to the object,
 so sifting touches one contiguous array. All functions take plain arrays (see state.py).
 """
 
@@ -13,8 +14,14 @@ from policies.state import (
     H_K1,
     H_K2,
     H_OBJ,
+    IP_BFREE,
     L_NEXT,
     L_PREV,
+    N_COUNT,
+    N_HEAD,
+    N_NEXT,
+    N_PREV,
+    N_TAIL,
     OF_K1,
     OI_HPOS,
     OI_K2,
@@ -168,3 +175,93 @@ def heap_update(heap, parts, oi, of, o):
         _sift_up(heap, oi, base, i)
     else:
         _sift_down(heap, oi, base, parts[p, P_HLEN], i)
+
+
+# --------------------------------------------------------------------------- count buckets
+@njit(**HOT)
+def _node_new(nodes, ip, count, after):
+    """Take a node from the free list for ``count`` and link it right after node ``after``."""
+    n = ip[IP_BFREE]
+    ip[IP_BFREE] = nodes[n, N_NEXT]
+    nodes[n, N_COUNT] = count
+    nodes[n, N_HEAD] = -1
+    nodes[n, N_TAIL] = -1
+    nx = nodes[after, N_NEXT]
+    nodes[n, N_PREV] = after
+    nodes[n, N_NEXT] = nx
+    nodes[nx, N_PREV] = n
+    nodes[after, N_NEXT] = n
+    return n
+
+
+@njit(**HOT)
+def _node_drop(nodes, ip, n):
+    pr = nodes[n, N_PREV]
+    nx = nodes[n, N_NEXT]
+    nodes[pr, N_NEXT] = nx
+    nodes[nx, N_PREV] = pr
+    nodes[n, N_NEXT] = ip[IP_BFREE]
+    ip[IP_BFREE] = n
+
+
+@njit(**HOT)
+def _bucket_append(nodes, links, n, o):
+    t = nodes[n, N_TAIL]
+    links[o, L_PREV] = t
+    links[o, L_NEXT] = -1
+    if t >= 0:
+        links[t, L_NEXT] = o
+    else:
+        nodes[n, N_HEAD] = o
+    nodes[n, N_TAIL] = o
+
+
+@njit(**HOT)
+def _bucket_unlink(nodes, links, n, o):
+    pr = links[o, L_PREV]
+    nx = links[o, L_NEXT]
+    if pr >= 0:
+        links[pr, L_NEXT] = nx
+    else:
+        nodes[n, N_HEAD] = nx
+    if nx >= 0:
+        links[nx, L_PREV] = pr
+    else:
+        nodes[n, N_TAIL] = pr
+    links[o, L_PREV] = -1
+    links[o, L_NEXT] = -1
+
+
+@njit(**HOT)
+def bucket_insert(nodes, links, parts, oi, ip, o):
+    """Admit ``o`` with count 1, newest in its bucket (O(1))."""
+    s = nodes.shape[0] - parts.shape[0] + oi[o, OI_PART]
+    n = nodes[s, N_NEXT]
+    if nodes[n, N_COUNT] != 1:  # sentinels hold -1
+        n = _node_new(nodes, ip, 1, s)
+    _bucket_append(nodes, links, n, o)
+    oi[o, OI_HPOS] = n
+
+
+@njit(**HOT)
+def bucket_hit(nodes, links, oi, ip, o):
+    """Move ``o`` from count c to count c + 1, newest there (O(1))."""
+    n = oi[o, OI_HPOS]
+    c = nodes[n, N_COUNT]
+    m = nodes[n, N_NEXT]
+    if nodes[m, N_COUNT] != c + 1:
+        m = _node_new(nodes, ip, c + 1, n)
+    _bucket_unlink(nodes, links, n, o)
+    if nodes[n, N_HEAD] < 0:
+        _node_drop(nodes, ip, n)
+    _bucket_append(nodes, links, m, o)
+    oi[o, OI_HPOS] = m
+
+
+@njit(**HOT)
+def bucket_remove(nodes, links, oi, ip, o):
+    n = oi[o, OI_HPOS]
+    _bucket_unlink(nodes, links, n, o)
+    if nodes[n, N_HEAD] < 0:
+        _node_drop(nodes, ip, n)
+    oi[o, OI_HPOS] = -1

@@ -114,8 +114,8 @@ def timed_scratch(n_obj: int, n_engines: int):
 
 # --------------------------------------------------------------------------- shared
 @njit(inline="always", **HOT)
-def _evict(status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag):
-    remove(status, oi, of, links, heap, parts, ip, v)
+def _evict(status, oi, of, links, heap, nodes, parts, stash, ip, fp, v, cnt, pf_flag):
+    remove(status, oi, of, links, heap, nodes, parts, ip, v)
     cnt[C_EVICTIONS] += 1
     if pf_flag[v] != 0:
         pf_flag[v] = 0
@@ -130,6 +130,7 @@ def _make_room(
     of,
     links,
     heap,
+    nodes,
     parts,
     stash,
     ip,
@@ -157,6 +158,7 @@ def _make_room(
                 of,
                 links,
                 heap,
+                nodes,
                 parts,
                 stash,
                 ip,
@@ -175,6 +177,7 @@ def _make_room(
                     of,
                     links,
                     heap,
+                    nodes,
                     parts,
                     stash,
                     ip,
@@ -193,6 +196,7 @@ def _make_room(
                         of,
                         links,
                         heap,
+                        nodes,
                         parts,
                         stash,
                         ip,
@@ -213,6 +217,7 @@ def _make_room(
                 of,
                 links,
                 heap,
+                nodes,
                 parts,
                 stash,
                 ip,
@@ -226,17 +231,17 @@ def _make_room(
             )
         if v < 0:
             return False
-        _evict(status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag)
+        _evict(status, oi, of, links, heap, nodes, parts, stash, ip, fp, v, cnt, pf_flag)
     return True
 
 
 @njit(**HOT)
-def preload(status, oi, of, links, heap, parts, stash, ip, fp, objs):
+def preload(status, oi, of, links, heap, nodes, parts, stash, ip, fp, objs):
     """Make ``objs`` resident before the run (policy order = list order)."""
     for o in objs:
         p = oi[o, OI_PART]
         if status[o] == ABSENT and parts[p, P_USED] + oi[o, OI_SIZE] <= parts[p, P_CAP]:
-            admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
+            admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, RESIDENT)
 
 
 # --------------------------------------------------------------------------- count mode
@@ -247,6 +252,7 @@ def replay_count(
     of,
     links,
     heap,
+    nodes,
     parts,
     stash,
     ip,
@@ -284,7 +290,7 @@ def replay_count(
         if reset.shape[0] > 0 and reset[g]:
             for o in range(n_obj):
                 if status[o] == RESIDENT:
-                    remove(status, oi, of, links, heap, parts, ip, o)
+                    remove(status, oi, of, links, heap, nodes, parts, ip, o)
                     if pf_flag[o] != 0:  # a prefetched expert dropped unused was wasted
                         pf_flag[o] = 0
                         cnt[C_PF_WASTED] += 1
@@ -302,6 +308,7 @@ def replay_count(
                         of,
                         links,
                         heap,
+                        nodes,
                         parts,
                         stash,
                         ip,
@@ -316,14 +323,14 @@ def replay_count(
                         arrive,
                         0.0,
                     ):
-                        admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
+                        admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, RESIDENT)
                         pf_flag[o] = 1
                         cnt[C_PF_ISSUED] += 1
                         cnt[C_PF_BYTES] += obj_bytes[o]
                     else:
                         cnt[C_PF_DROPPED] += 1
                 elif status[o] == RESIDENT:
-                    touch(oi, of, links, heap, parts, ip, fp, o)
+                    touch(oi, of, links, heap, nodes, parts, ip, fp, o)
         w = 1 if measure.shape[0] == 0 or measure[g] else 0
         acc_layer[lay] += w * (a1 - a0)
         for a in range(a0, a1):
@@ -335,7 +342,7 @@ def replay_count(
             if s == RESIDENT:
                 cnt[C_HITS] += w
                 hits_layer[lay] += w
-                touch(oi, of, links, heap, parts, ip, fp, o)
+                touch(oi, of, links, heap, nodes, parts, ip, fp, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
@@ -353,6 +360,7 @@ def replay_count(
                     of,
                     links,
                     heap,
+                    nodes,
                     parts,
                     stash,
                     ip,
@@ -367,18 +375,18 @@ def replay_count(
                     arrive,
                     0.0,
                 ):
-                    admit(status, oi, of, links, heap, parts, ip, fp, o, RESIDENT)
+                    admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, RESIDENT)
                 else:
                     observe_miss(oi, of, ip, fp, o)
             if atomic:
                 oi[o, OI_PIN] = b + 3
             if parts[oi[o, OI_PART], P_USED] > parts[oi[o, OI_PART], P_CAP]:
                 cnt[C_OVERFLOW] += 1
-    _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt)
+    _unused_prefetches(status, oi, of, links, heap, nodes, parts, stash, ip, fp, pf_flag, cnt)
 
 
 @njit(**HOT)
-def _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt):
+def _unused_prefetches(status, oi, of, links, heap, nodes, parts, stash, ip, fp, pf_flag, cnt):
     """Prefetched experts never used by the end of the run count as wasted."""
     for o in range(pf_flag.shape[0]):
         if pf_flag[o] != 0:
@@ -471,6 +479,7 @@ def replay_timed(
     of,
     links,
     heap,
+    nodes,
     parts,
     stash,
     ip,
@@ -577,13 +586,13 @@ def replay_timed(
                 hits_layer[lay] += 1
                 m_ready[k] = now
                 if s != PINNED:
-                    touch(oi, of, links, heap, parts, ip, fp, o)
+                    touch(oi, of, links, heap, nodes, parts, ip, fp, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
             elif s == IN_FLIGHT and not nocache:
                 cnt[C_INFLIGHT_HITS] += 1
-                touch(oi, of, links, heap, parts, ip, fp, o)
+                touch(oi, of, links, heap, nodes, parts, ip, fp, o)
                 m_ready[k] = -1.0  # read arrive[o] after the demand flush
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
@@ -608,6 +617,7 @@ def replay_timed(
                         of,
                         links,
                         heap,
+                        nodes,
                         parts,
                         stash,
                         ip,
@@ -623,7 +633,7 @@ def replay_timed(
                         now,
                     )
                     if ok:
-                        admit(status, oi, of, links, heap, parts, ip, fp, o, IN_FLIGHT)
+                        admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, IN_FLIGHT)
                 if ok:
                     arrive[o] = INF
                     pend[npend, 0] = o
@@ -651,7 +661,7 @@ def replay_timed(
                 pend[i, 1] = pend[npend, 1]
                 pend[i, 2] = pend[npend, 2]
                 pend_t[i] = pend_t[npend]
-                remove(status, oi, of, links, heap, parts, ip, o)
+                remove(status, oi, of, links, heap, nodes, parts, ip, o)
                 arrive[o] = INF
                 need_by[o] = BIG
                 pf_flag[o] = 0
@@ -678,6 +688,7 @@ def replay_timed(
                             of,
                             links,
                             heap,
+                            nodes,
                             parts,
                             stash,
                             ip,
@@ -693,10 +704,22 @@ def replay_timed(
                             ok = False
                         else:
                             _evict(
-                                status, oi, of, links, heap, parts, stash, ip, fp, v, cnt, pf_flag
+                                status,
+                                oi,
+                                of,
+                                links,
+                                heap,
+                                nodes,
+                                parts,
+                                stash,
+                                ip,
+                                fp,
+                                v,
+                                cnt,
+                                pf_flag,
                             )
                     if ok:
-                        admit(status, oi, of, links, heap, parts, ip, fp, o, IN_FLIGHT)
+                        admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, IN_FLIGHT)
                         arrive[o] = INF
                         need_by[o] = tgt
                         pf_flag[o] = 1
@@ -761,7 +784,7 @@ def replay_timed(
                         pend[i, 1] = pend[npend, 1]
                         pend[i, 2] = pend[npend, 2]
                         pend_t[i] = pend_t[npend]
-                        remove(status, oi, of, links, heap, parts, ip, o)
+                        remove(status, oi, of, links, heap, nodes, parts, ip, o)
                         arrive[o] = INF
                         need_by[o] = BIG
                         pf_flag[o] = 0
@@ -781,7 +804,7 @@ def replay_timed(
                     _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, -1, cur, t_land)
                     cur = t_land
                 npend, n_deferred = _issue_deferred(
-                    status, oi, of, links, heap, parts, stash, ip, fp,
+                    status, oi, of, links, heap, nodes, parts, stash, ip, fp,
                     g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
                     pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, xfer, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
@@ -809,7 +832,7 @@ def replay_timed(
             if n_deferred > 0:
                 # a computed expert may now give up its slot: fetch the deferred experts
                 npend, n_deferred = _issue_deferred(
-                    status, oi, of, links, heap, parts, stash, ip, fp,
+                    status, oi, of, links, heap, nodes, parts, stash, ip, fp,
                     g, b, atomic, cur, obj, a0, m, m_state, m_ready, n_deferred, pend,
                     pend_t, npend, seq, eng, arrive, need_by, pf_flag, obj_bytes, hw, xfer, cnt, fl,
                     ev_kind, ev_grp, ev_obj, ev_t0, ev_t1,
@@ -817,7 +840,7 @@ def replay_timed(
                 seq += m
     if n_groups > 0:
         _close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
-    _unused_prefetches(status, oi, of, links, heap, parts, stash, ip, fp, pf_flag, cnt)
+    _unused_prefetches(status, oi, of, links, heap, nodes, parts, stash, ip, fp, pf_flag, cnt)
     fl[F_TOTAL] = cur
     fl[F_COMPUTE] += fl[F_DENSE]
 
@@ -841,6 +864,7 @@ def _issue_deferred(
     of,
     links,
     heap,
+    nodes,
     parts,
     stash,
     ip,
@@ -888,6 +912,7 @@ def _issue_deferred(
             of,
             links,
             heap,
+            nodes,
             parts,
             stash,
             ip,
@@ -903,7 +928,7 @@ def _issue_deferred(
             cur,
         ):
             break
-        admit(status, oi, of, links, heap, parts, ip, fp, od, IN_FLIGHT)
+        admit(status, oi, of, links, heap, nodes, parts, ip, fp, od, IN_FLIGHT)
         arrive[od] = INF
         pend[npend, 0] = od
         pend[npend, 1] = 0
