@@ -282,6 +282,7 @@ def replay_count(
     n_obj = status.shape[0]
     nocache = ip[IP_STRUCT] == STRUCT_NONE
     future = ip[IP_FUTURE] != 0  # keep each expert's next-access index (Belady)
+    prefetching = pf_obj.shape[0] > 0
     for g in range(n_groups):
         a0 = g_off[g]
         a1 = g_off[g + 1]
@@ -343,7 +344,7 @@ def replay_count(
                 cnt[C_HITS] += w
                 hits_layer[lay] += w
                 touch(oi, of, links, heap, nodes, parts, ip, fp, o)
-                if pf_flag[o] != 0:
+                if prefetching and pf_flag[o] != 0:
                     pf_flag[o] = 0
                     cnt[C_PF_USED] += 1
             elif s == PINNED:
@@ -378,10 +379,10 @@ def replay_count(
                     admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, RESIDENT)
                 else:
                     observe_miss(oi, of, ip, fp, o)
+                if parts[oi[o, OI_PART], P_USED] > parts[oi[o, OI_PART], P_CAP]:
+                    cnt[C_OVERFLOW] += 1  # only an admission can overfill a partition
             if atomic:
                 oi[o, OI_PIN] = b + 3
-            if parts[oi[o, OI_PART], P_USED] > parts[oi[o, OI_PART], P_CAP]:
-                cnt[C_OVERFLOW] += 1
     _unused_prefetches(status, oi, of, links, heap, nodes, parts, stash, ip, fp, pf_flag, cnt)
 
 
