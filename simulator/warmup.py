@@ -32,6 +32,9 @@ def warm_up(mode: str = "count") -> None:
     cfg.cache.fraction, cfg.cache.slots = None, 3
     cfg.replay.mode = mode
     prep = prepare(tr)
-    for policy in ("lru", "belady"):
+    for policy in ("lru", "belady", "static"):
         run(prep, cfg, policy)
+    if mode == "timed":  # the prefetch-list builders too
+        cfg.replay.prefetch = "oracle"
+        run(prep, cfg, "lru")
     _done.add(mode)
