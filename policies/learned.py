@@ -1,32 +1,38 @@
 """A learned expert predictor (MoE-Beyond style), trained offline on activation traces.
 
 For a token at MoE layer ``l`` it predicts the experts the token will route to at layer
-``L = l + h`` (horizon ``h``), from what a runtime knows once layer ``l`` has run:
+``L = l + h`` (horizon ``h``), from what a runtime knows once layer ``l`` has run
+(docs/predictors.md):
 
-- the token's own experts at layers ``l, l-1, ..., l-S+1`` (``src_layers`` = S, default 4);
+- the token's own experts at layers ``l, l-1, ..., l-S+1`` (``src_layers`` = S, default 8);
 - the experts of the sequence's previous ``P`` tokens at the target layer ``L`` (``prev_tokens``,
   default 2), used only when those tokens ran in an earlier step (always in token-by-token
   decoding; never inside one prefill step, where layer ``L`` has not run yet for anyone);
-- the token itself (its text, or its vocabulary id), through a learned embedding; tokens seen
-  fewer than ``min_token_count`` times in training share one "unknown" embedding;
+- the token itself and the ``C`` tokens before it (text, or ``token_id``), through learned
+  embeddings; tokens seen fewer than ``min_token_count`` times in training share one "unknown"
+  row; plus the hashed character 3-grams of the token text (``subwords`` buckets), which give
+  rare and unseen tokens something to go on;
 - the target layer.
 
-The model, one per horizon, is a small MLP over these sparse multi-hot features::
+The network of a horizon is a small MLP over these sparse multi-hot features::
 
     z      = sum of the embedding rows of the active features   (H numbers)
     hidden = relu(z)                      [ -> relu(hidden @ W1 + b1) with hidden2 > 0 ]
     logits = hidden @ W2[L] + b2[L]       (one output matrix per target layer, E logits)
 
 trained with softmax cross-entropy against the actual experts (each weighted 1/k) by mini-batch
-Adam (lazy Adam for the embedding rows a batch touches). The top-k logits are the prediction,
-ranked by score. The sparse first layer (gather and scatter of embedding rows, per row of the
-trace) runs in numba kernels; the dense layers are numpy matrix products, in batches that share
-one target layer. No torch.
+Adam (lazy Adam for the embedding rows a batch touches), ``ensemble`` networks per horizon.
+The prediction at horizon ``h`` ranks experts by the mean log-probability of the ``h``
+networks plus ``horizon_mix`` times that of each longer horizon's (made even earlier, so
+nothing the runtime would not know); the top-k are the prediction, best first. The sparse
+first layer (gather and scatter of embedding rows, per row of the trace) runs in numba
+kernels; the dense layers are numpy matrix products, in batches that share one target layer.
+No torch.
 
-A model is saved as one ``.npz`` file: the weights, the token vocabulary and a JSON header
-(``meta_json``) naming the model shape (layers, experts per layer), the horizons, the features
-and the training settings. Loading checks the format; using it on a trace of another shape is a
-one-line ConfigError.
+A model is saved as one ``.npz`` file: the weights (float16), the token vocabulary and a JSON
+header (``meta_json``) naming the model shape (layers, experts per layer), the horizons, the
+features and the training settings. Loading checks the format; using it on a trace of another
+shape is a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ PRED_SOURCE = "moesim-learned"
 
 _DT = np.float32
 _NPOS = 12  # position buckets: 0, 1, 2, 3, 4-7, 8-15, ..., >= 512
+_MAX_GRAMS = 16  # at most this many character 3-grams per token text
 
 
 class blas_threads:
@@ -111,19 +118,22 @@ class LearnedConfig:
     """Features, network size and training settings of a learned predictor."""
 
     horizons: list[int] = field(default_factory=lambda: [1, 2, 4])
-    src_layers: int = 4  # the token's experts at layers l .. l-src_layers+1
-    prev_tokens: int = 2  # previous tokens' experts at the target layer
+    src_layers: int = 8  # the token's experts at layers l .. l-src_layers+1
+    prev_tokens: int = 2  # the previous tokens' experts at the target layer, one table each
     use_token: bool = True  # token text / id embedding (when the trace has it)
-    token_context: int = 0  # also the ids of the previous C tokens (own embedding tables)
+    token_context: int = 1  # also the ids of the previous C tokens (one table each)
     position: bool = False  # a log2 bucket of the token's index in its sequence
-    loss: str = "softmax"  # softmax cross-entropy, or "bce" (independent sigmoids)
+    subwords: int = 4096  # hash buckets for the character 3-grams of the token text (0: off)
     min_token_count: int = 2  # rarer tokens share the "unknown" embedding
-    hidden: int = 256
+    hidden: int = 512
     hidden2: int = 0  # a second hidden layer (0: none)
-    epochs: float = 1.0  # passes over the training rows (fractions allowed)
-    batch: int = 256
-    lr: float = 2e-3
+    epochs: float = 2.0  # passes over the training rows (fractions allowed)
+    batch: int = 1024
+    lr: float = 3e-3
     weight_decay: float = 0.0  # on the embedding rows, decoupled (AdamW-style)
+    dropout: float = 0.0  # dropout on the last hidden layer while training
+    ensemble: int = 1  # networks per horizon (different seeds), log-probabilities averaged
+    horizon_mix: float = 0.5  # predict: + this x the log-probabilities of longer horizons
     max_rows: int = 0  # train on at most this many rows per horizon (0: all)
     seed: int = 0
 
@@ -139,11 +149,14 @@ class LearnedConfig:
         if len(set(self.horizons)) != len(self.horizons):
             bad("horizons", "distinct horizons", self.horizons)
         for key in (
-            "src_layers", "prev_tokens", "token_context", "min_token_count", "hidden2", "max_rows",
+            "src_layers", "prev_tokens", "token_context", "subwords", "min_token_count", "hidden2",
+            "max_rows",
         ):  # fmt: skip
             if getattr(self, key) < 0:
                 bad(key, "an integer >= 0", getattr(self, key))
-        for key in ("hidden", "batch"):
+        if self.horizon_mix < 0:
+            bad("horizon_mix", "a number >= 0", self.horizon_mix)
+        for key in ("hidden", "batch", "ensemble"):
             if getattr(self, key) < 1:
                 bad(key, "an integer >= 1", getattr(self, key))
         if not self.epochs > 0:
@@ -152,6 +165,8 @@ class LearnedConfig:
             bad("lr", "a number > 0", self.lr)
         if self.weight_decay < 0:
             bad("weight_decay", "a number >= 0", self.weight_decay)
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "a number in [0, 1)", self.dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +221,10 @@ def token_table(trace: Trace) -> TokenTable:
 def token_keys(trace: Trace, kind: str, table: TokenTable) -> np.ndarray:
     """The key of each token (str for 'text', int64 for 'id'): what the vocabulary maps."""
     if kind == "text":
-        return np.asarray(trace.token[table.first_row]).astype(str)
+        import pandas as pd
+
+        text = np.asarray(trace.token[table.first_row], dtype=object)
+        return np.where(pd.isna(text), "\x00", text).astype(str)  # null text: its own key
     return trace.token_id[table.first_row].astype(np.int64)
 
 
@@ -233,6 +251,45 @@ def vocab_ids(keys: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     return np.where(found, i + 1, 0).astype(np.int32)
 
 
+def subword_ids(keys: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, bucket ids) of the hashed character 3-grams of each token text.
+
+    The text is framed as ``<text>``; a text of 1 character gives one gram. Hashing is CRC-32,
+    stable across runs and machines. Work is per distinct text, not per row.
+    """
+    import zlib
+
+    uniq, inv = np.unique(np.asarray(keys).astype(str), return_inverse=True)
+    lens = np.empty(uniq.shape[0], np.int64)
+    ids: list[int] = []
+    for i, text in enumerate(uniq.tolist()):  # distinct texts only
+        w = f"<{text}>".encode()
+        grams = {zlib.crc32(w[j : j + 3]) % buckets for j in range(max(1, len(w) - 2))}
+        grams = sorted(grams)[:_MAX_GRAMS]
+        lens[i] = len(grams)
+        ids.extend(grams)
+    u_off = np.zeros(uniq.shape[0] + 1, np.int64)
+    np.cumsum(lens, out=u_off[1:])
+    u_ids = np.asarray(ids, np.int32)
+    # expand to tokens: token i takes the list of its text uniq[inv[i]]
+    inv = inv.ravel()
+    t_len = lens[inv]
+    off = np.zeros(inv.shape[0] + 1, np.int64)
+    np.cumsum(t_len, out=off[1:])
+    start = np.repeat(u_off[inv] - off[:-1], t_len)
+    return off, u_ids[np.arange(off[-1]) + start]
+
+
+@dataclass
+class _Prep:
+    """What the feature kernel needs of one trace besides its own arrays."""
+
+    table: TokenTable
+    tokvoc: np.ndarray  # int32[ntok]: vocabulary index + 1 (0 unknown); empty: no token feature
+    sub_off: np.ndarray  # int64[ntok + 1]: CSR offsets of each token's subword buckets
+    sub_ids: np.ndarray  # int32[...]: subword buckets
+
+
 # --------------------------------------------------------------------------------------------
 # numba kernels: sparse features, embedding gather / scatter with lazy Adam, targets
 # --------------------------------------------------------------------------------------------
@@ -240,95 +297,126 @@ def vocab_ids(keys: np.ndarray, vocab: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _features(
-    rows, layer, step, offsets, experts, tok, tok_seq, tok_rank, rowidx, tokvoc,
-    h, S, P, C, E, base_src, base_prev, base_tok, n_tok, base_pos, base_layer, feats, nf,
+    rows, layer, step, offsets, experts, tok, tok_seq, tok_rank, rowidx, tokvoc, sub_off,
+    sub_ids, h, S, P, C, E, b_layer, b_src, b_prev, b_tok, n_tok, b_sub, b_pos,
+    feats, vals, nf,
 ):  # fmt: skip
-    """Active feature ids (rows of the embedding table) of each target row, -1 padded."""
+    """Active features (rows of the embedding table) and their values, per target row.
+
+    A base of -1 switches a feature group off. Previous tokens' experts count only when that
+    token's row ran in an earlier step than the target row (not inside one prefill step).
+    """
     for b in range(rows.shape[0]):
         r = rows[b]
         L = np.int64(layer[r])
         t = tok[r]
         c = 0
-        feats[b, c] = base_layer + L
+        feats[b, c] = b_layer + L
+        vals[b, c] = 1.0
         c += 1
-        for k in range(S):
+        for k in range(S):  # the token's own experts at layers L-h, L-h-1, ...
             m = L - h - k
             if m < 0:
                 break
             rr = rowidx[t, m]
             if rr < 0:
                 continue
-            base = base_src + (L * S + k) * E
+            base = b_src + (L * S + k) * E
             for i in range(offsets[rr], offsets[rr + 1]):
                 feats[b, c] = base + experts[i]
+                vals[b, c] = 1.0
                 c += 1
-        for j in range(1, P + 1):
+        for j in range(1, P + 1):  # the previous tokens' experts at layer L
             pt = t - j
             if pt < 0 or tok_seq[pt] != tok_seq[t]:
                 break
             rr = rowidx[pt, L]
             if rr < 0 or step[rr] >= step[r]:
                 continue
-            base = base_prev + (L * P + j - 1) * E
+            base = b_prev + (L * P + j - 1) * E
             for i in range(offsets[rr], offsets[rr + 1]):
                 feats[b, c] = base + experts[i]
+                vals[b, c] = 1.0
                 c += 1
-        if tokvoc.shape[0] > 0:
-            feats[b, c] = base_tok + tokvoc[t]
+        if tokvoc.shape[0] > 0:  # the token and the C tokens before it
+            feats[b, c] = b_tok + tokvoc[t]
+            vals[b, c] = 1.0
             c += 1
             for j in range(1, C + 1):
                 pt = t - j
                 if pt < 0 or tok_seq[pt] != tok_seq[t]:
                     break
-                feats[b, c] = base_tok + j * n_tok + tokvoc[pt]
+                feats[b, c] = b_tok + j * n_tok + tokvoc[pt]
+                vals[b, c] = 1.0
                 c += 1
-        if base_pos >= 0:
+        if b_sub >= 0:  # the token text's character 3-grams (hashed), mean
+            n = sub_off[t + 1] - sub_off[t]
+            for i in range(sub_off[t], sub_off[t + 1]):
+                feats[b, c] = b_sub + sub_ids[i]
+                vals[b, c] = 1.0 / n
+                c += 1
+        if b_pos >= 0:
             q = tok_rank[t]
             bucket = q if q < 4 else min(_NPOS - 1, 2 + int(math.log2(q)))
-            feats[b, c] = base_pos + bucket
+            feats[b, c] = b_pos + bucket
+            vals[b, c] = 1.0
             c += 1
         nf[b] = c
-        for i in range(c, feats.shape[1]):
-            feats[b, i] = -1
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _gather(emb, feats, nf, z):
+def _gather(emb, feats, vals, nf, z):
+    """z[b] = sum of vals[b, i] * emb[feats[b, i]]."""
     H = emb.shape[1]
     for b in range(feats.shape[0]):
-        for j in range(H):
-            z[b, j] = 0.0
+        zb = z[b]
+        zb[:] = 0.0
         for i in range(nf[b]):
-            f = feats[b, i]
+            w = vals[b, i]
+            row = emb[feats[b, i]]
             for j in range(H):
-                z[b, j] += emb[f, j]
+                zb[j] += w * row[j]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _sparse_adam(emb, m, v, gbuf, mark, touched, feats, nf, gz, lr, b1, b2, eps, c1, c2, wd):
-    """Accumulate d(loss)/d(embedding rows) of a batch and apply lazy Adam to those rows."""
+def _sparse_adam(
+    emb, m, v, gbuf, mark, touched, feats, vals, nf, gz, b1, b2, a1, a2, step, inv_c2, eps, lrwd
+):  # fmt: skip
+    """Accumulate d(loss)/d(embedding rows) of a batch and apply lazy Adam to those rows.
+
+    All constants are float32 (a float64 one would turn the whole update into float64):
+    ``a1 = 1 - b1``, ``a2 = 1 - b2``, ``step = lr / (1 - b1**t)``, ``inv_c2 = 1 / (1 - b2**t)``,
+    ``lrwd = lr * weight_decay``.
+    """
     H = emb.shape[1]
     nt = 0
     for b in range(feats.shape[0]):
+        gzb = gz[b]
         for i in range(nf[b]):
             f = feats[b, i]
+            w = vals[b, i]
             if not mark[f]:
                 mark[f] = True
                 touched[nt] = f
                 nt += 1
+            gr = gbuf[f]
             for j in range(H):
-                gbuf[f, j] += gz[b, j]
+                gr[j] += w * gzb[j]
     for q in range(nt):
         f = touched[q]
         mark[f] = False
+        gr = gbuf[f]
+        mr = m[f]
+        vr = v[f]
+        er = emb[f]
         for j in range(H):
-            g = gbuf[f, j]
-            gbuf[f, j] = 0.0
-            mj = b1 * m[f, j] + (1.0 - b1) * g
-            vj = b2 * v[f, j] + (1.0 - b2) * g * g
-            m[f, j] = mj
-            v[f, j] = vj
-            emb[f, j] -= lr * ((mj / c1) / (math.sqrt(vj / c2) + eps) + wd * emb[f, j])
+            g = gr[j]
+            mj = b1 * mr[j] + a1 * g
+            vj = b2 * vr[j] + a2 * g * g
+            mr[j] = mj
+            vr[j] = vj
+            er[j] -= step * mj / (np.sqrt(vj * inv_c2) + eps) + lrwd * er[j]
+        gr[:] = 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -358,9 +446,9 @@ def _shape_of(meta: TraceMeta) -> dict:
 
 
 class _Net:
-    """The weights of one horizon's network and its Adam state."""
+    """The weights of one horizon's network."""
 
-    KEYS = ("emb", "W2", "b2", "W1", "b1")
+    KEYS = ("emb", "W1", "b1", "W2", "b2")
 
     def __init__(self, n_emb: int, cfg: LearnedConfig, nl: int, E: int, rng=None):
         H, H2 = cfg.hidden, cfg.hidden2
@@ -368,10 +456,10 @@ class _Net:
         if rng is None:
             rng = np.random.default_rng(0)
         self.emb = (rng.standard_normal((n_emb, H)) * 0.1).astype(_DT)
-        self.W2 = (rng.standard_normal((nl, Hout, E)) / math.sqrt(Hout)).astype(_DT)
-        self.b2 = np.zeros((nl, E), _DT)
         self.W1 = (rng.standard_normal((H, H2)) * math.sqrt(2.0 / H)).astype(_DT)
         self.b1 = np.zeros(H2, _DT)
+        self.W2 = (rng.standard_normal((nl, Hout, E)) / math.sqrt(Hout)).astype(_DT)
+        self.b2 = np.zeros((nl, E), _DT)
 
     def arrays(self, prefix: str) -> dict:
         return {f"{prefix}{k}": getattr(self, k) for k in self.KEYS}
@@ -383,13 +471,25 @@ class _Net:
             setattr(net, k, np.ascontiguousarray(arrays[f"{prefix}{k}"], dtype=_DT))
         return net
 
-    def logits(self, feats, nf, L: int) -> np.ndarray:
+    def round_to_float16(self) -> None:
+        for k in self.KEYS:
+            setattr(self, k, getattr(self, k).astype(np.float16).astype(_DT))
+
+    def forward(self, feats, vals, nf, L: int, keep=None):
+        """(logits, z, a, z1, a1) of a batch whose rows all target layer L.
+
+        ``keep``: a dropout mask (already scaled by 1 / (1 - p)) on the last hidden layer.
+        """
         z = np.empty((feats.shape[0], self.emb.shape[1]), _DT)
-        _gather(self.emb, feats, nf, z)
+        _gather(self.emb, feats, vals, nf, z)
         a = np.maximum(z, 0)
+        z1 = a1 = a
         if self.W1.shape[1]:
-            a = np.maximum(a @ self.W1 + self.b1, 0)
-        return a @ self.W2[L] + self.b2[L]
+            z1 = a @ self.W1 + self.b1
+            a1 = np.maximum(z1, 0)
+        if keep is not None:
+            a1 = a1 * keep
+        return a1 @ self.W2[L] + self.b2[L], z, a, z1, a1
 
 
 class LearnedPredictor:
@@ -400,7 +500,7 @@ class LearnedPredictor:
         self.cfg = cfg
         self.token_kind = token_kind  # 'text', 'id' or None (no token feature)
         self.vocab = vocab  # sorted keys (str or int64); index + 1 = embedding row
-        self.nets: dict[int, _Net] = nets
+        self.nets: dict[int, list[_Net]] = nets  # horizon -> its network(s)
         self.info: dict = {}
 
     # ---- layout of the embedding table -----------------------------------------------------
@@ -408,24 +508,34 @@ class LearnedPredictor:
     def horizons(self) -> list[int]:
         return sorted(self.nets)
 
-    def _layout(self):
+    def _layout(self) -> dict:
+        """Where each feature group starts in the embedding table (-1: group off), and its size."""
+        cfg = self.cfg
         nl = self.shape["num_layers"]
         E = max(self.shape["experts_per_layer"])
-        S, P = self.cfg.src_layers, self.cfg.prev_tokens
-        base_src = 0
-        base_prev = base_src + nl * S * E
-        base_tok = base_prev + nl * P * E
         n_tok = (self.vocab.shape[0] + 1) if self.token_kind else 0
-        base_pos = base_tok + n_tok * (1 + self.cfg.token_context)
-        base_layer = base_pos + (_NPOS if self.cfg.position else 0)
-        if not self.cfg.position:
-            base_pos = -1
-        return E, base_src, base_prev, base_tok, n_tok, base_pos, base_layer, base_layer + nl
+        sizes = {
+            "layer": nl,
+            "src": nl * cfg.src_layers * E,
+            "prev": nl * cfg.prev_tokens * E,
+            "tok": n_tok * (1 + cfg.token_context),
+            "sub": cfg.subwords if self.token_kind == "text" else 0,
+            "pos": _NPOS if cfg.position else 0,
+        }
+        out = {"E": E, "n_tok": n_tok}
+        base = 0
+        for name, size in sizes.items():
+            out[name] = base if size else -1
+            base += size
+        out["rows"] = base
+        return out
 
     def _max_feats(self, trace: Trace) -> int:
         lens = np.diff(trace.offsets)
         mx = int(lens.max()) if lens.size else 0
-        return 3 + self.cfg.token_context + (self.cfg.src_layers + self.cfg.prev_tokens) * mx
+        cfg = self.cfg
+        sub = _MAX_GRAMS if cfg.subwords else 0
+        return 3 + cfg.token_context + (cfg.src_layers + cfg.prev_tokens) * mx + sub
 
     # ---- compatibility -----------------------------------------------------------------------
     def check_trace(self, trace: Trace, where: str = "model") -> None:
@@ -458,22 +568,31 @@ class LearnedPredictor:
                 )
 
     # ---- features ------------------------------------------------------------------------------
-    def _prepare(self, trace: Trace):
+    def _prepare(self, trace: Trace) -> _Prep:
         table = token_table(trace)
-        if self.token_kind:
-            tokvoc = vocab_ids(token_keys(trace, self.token_kind, table), self.vocab)
-        else:
-            tokvoc = np.zeros(0, np.int32)
-        return table, tokvoc
+        keys = token_keys(trace, self.token_kind, table) if self.token_kind else None
+        return self._prep_keys(table, keys)
 
-    def _feats(self, trace, table, tokvoc, rows, h, feats, nf):
-        E, base_src, base_prev, base_tok, n_tok, base_pos, base_layer, _ = self._layout()
+    def _prep_keys(self, table: TokenTable, keys) -> _Prep:
+        none = np.zeros(0, np.int32)
+        if keys is None:
+            return _Prep(table, none, np.zeros(1, np.int64), none)
+        tokvoc = vocab_ids(keys, self.vocab)
+        if self.token_kind == "text" and self.cfg.subwords:
+            sub_off, sub_ids = subword_ids(keys, self.cfg.subwords)
+        else:
+            sub_off, sub_ids = np.zeros(1, np.int64), none
+        return _Prep(table, tokvoc, sub_off, sub_ids)
+
+    def _feats(self, prep: _Prep, trace, rows, h, feats, vals, nf):
+        lay = self._layout()
         cfg = self.cfg
+        t = prep.table
         _features(
-            rows, trace.layer, trace.step, trace.offsets, trace.experts, table.tok,
-            table.tok_seq, table.tok_rank, table.rowidx, tokvoc, h, cfg.src_layers,
-            cfg.prev_tokens, cfg.token_context, E, base_src, base_prev, base_tok, n_tok,
-            base_pos, base_layer, feats, nf,
+            rows, trace.layer, trace.step, trace.offsets, trace.experts, t.tok, t.tok_seq,
+            t.tok_rank, t.rowidx, prep.tokvoc, prep.sub_off, prep.sub_ids, h, cfg.src_layers,
+            cfg.prev_tokens, cfg.token_context, lay["E"], lay["layer"], lay["src"], lay["prev"],
+            lay["tok"], lay["n_tok"], lay["sub"], lay["pos"], feats, vals, nf,
         )  # fmt: skip
 
     # ---- training --------------------------------------------------------------------------------
@@ -491,29 +610,39 @@ class LearnedPredictor:
         model = cls(_shape_of(trace.meta), cfg, kind, np.zeros(0, np.int64), {})
         t0 = time.perf_counter()
         table = token_table(trace)
+        keys = None
         if kind:
             keys = token_keys(trace, kind, table)
             uniq, counts = np.unique(keys, return_counts=True)
             model.vocab = np.ascontiguousarray(uniq[counts >= max(cfg.min_token_count, 1)])
-            tokvoc = vocab_ids(keys, model.vocab)
-        else:
-            tokvoc = np.zeros(0, np.int32)
-        *_, n_emb = model._layout()
+        prep = model._prep_keys(table, keys)
+        n_emb = model._layout()["rows"]
         rng = np.random.default_rng(cfg.seed)
-        stats = {"rows": trace.num_rows, "tokens": table.num_tokens, "vocab": len(model.vocab)}
+        stats = {
+            "rows": trace.num_rows,
+            "tokens": table.num_tokens,
+            "vocab": len(model.vocab),
+            "mean_k": max(1, int(round(trace.num_activations / trace.num_rows))),
+        }
+        nl, E = trace.meta.num_layers, max(trace.meta.experts_per_layer)
         for h in cfg.horizons:
             th = time.perf_counter()
-            net = _Net(n_emb, cfg, trace.meta.num_layers, max(trace.meta.experts_per_layer), rng)
-            with blas_threads(1):
-                loss = model._fit_one(trace, table, tokvoc, h, net, rng, log)
-            model.nets[h] = net
+            model.nets[h] = []
+            losses = []
+            for _ in range(cfg.ensemble):
+                net = _Net(n_emb, cfg, nl, E, rng)
+                with blas_threads(1):
+                    losses.append(model._fit_one(prep, trace, h, net, rng, log))
+                net.round_to_float16()  # what save() stores: a loaded model predicts the same
+                model.nets[h].append(net)
             stats[f"h{h}_s"] = round(time.perf_counter() - th, 1)
-            stats[f"h{h}_loss"] = round(float(loss), 4)
+            stats[f"h{h}_loss"] = round(float(np.mean(losses)), 4)
         stats["train_s"] = round(time.perf_counter() - t0, 1)
         model.info = {"trained_on": trace.path, **stats}
         return model
 
-    def _fit_one(self, trace, table, tokvoc, h, net: _Net, rng, log) -> float:
+    def _fit_one(self, prep: _Prep, trace: Trace, h: int, net: _Net, rng, log) -> float:
+        """Mini-batch Adam on softmax cross-entropy; returns the final (smoothed) loss."""
         cfg = self.cfg
         nl = trace.meta.num_layers
         epl = np.asarray(trace.meta.experts_per_layer)
@@ -528,8 +657,11 @@ class LearnedPredictor:
         by_layer = [rows_all[trace.layer[rows_all] == L] for L in range(nl)]
         n_batches = sum(math.ceil(len(r) / B) for r in by_layer)
         total = max(1, int(round(cfg.epochs * n_batches)))
+        warm = max(1, min(200, total // 20))
+        H_last = net.W2.shape[1]
         F = self._max_feats(trace)
         feats = np.empty((B, F), np.int32)
+        vals = np.empty((B, F), _DT)
         nf = np.empty(B, np.int32)
         y = np.empty((B, E), _DT)
         adam = {
@@ -541,8 +673,7 @@ class LearnedPredictor:
         b1, b2, eps = 0.9, 0.999, 1e-8
         masks = [np.arange(E) >= epl[L] for L in range(nl)]
         step = 0
-        ema = None
-        bce = cfg.loss == "bce"
+        ema = float("nan")
         t_start = time.perf_counter()
         next_log = t_start + 10
         while step < total:
@@ -550,60 +681,46 @@ class LearnedPredictor:
             for L in range(nl):
                 r = rng.permutation(by_layer[L])
                 plan += [(L, r[i : i + B]) for i in range(0, len(r), B)]
-            order = rng.permutation(len(plan))
-            for pi in order:
+            for pi in rng.permutation(len(plan)):
                 if step >= total:
                     break
                 L, rows = plan[pi]
                 nb = rows.shape[0]
-                fb, nfb, yb = feats[:nb], nf[:nb], y[:nb]
-                self._feats(trace, table, tokvoc, rows, h, fb, nfb)
+                fb, vb, nfb, yb = feats[:nb], vals[:nb], nf[:nb], y[:nb]
+                self._feats(prep, trace, rows, h, fb, vb, nfb)
                 _targets(rows, trace.offsets, trace.experts, yb)
-                # forward
-                z = np.empty((nb, net.emb.shape[1]), _DT)
-                _gather(net.emb, fb, nfb, z)
-                a = np.maximum(z, 0)
-                if net.W1.shape[1]:
-                    z1 = a @ net.W1 + net.b1
-                    a1 = np.maximum(z1, 0)
-                else:
-                    a1 = a
-                logits = a1 @ net.W2[L] + net.b2[L]
+                keep = None
+                if cfg.dropout:
+                    keep = rng.random((nb, H_last), dtype=_DT) >= cfg.dropout
+                    keep = keep.astype(_DT) * _DT(1 / (1 - cfg.dropout))
+                logits, z, a, z1, a1 = net.forward(fb, vb, nfb, L, keep)
                 if masks[L].any():
                     logits[:, masks[L]] = -1e30
-                if bce:
-                    yt = (yb > 0).astype(_DT)
-                    p = 1.0 / (1.0 + np.exp(-logits))
-                    lp = np.log(np.maximum(p, 1e-30))
-                    lq = np.log(np.maximum(1 - p, 1e-30))
-                    loss = -float(np.sum(yt * lp + (1 - yt) * lq)) / nb
-                    g = (p - yt) / nb
-                else:
-                    logits -= logits.max(axis=1, keepdims=True)
-                    p = np.exp(logits)
-                    p /= p.sum(axis=1, keepdims=True)
-                    loss = -float(np.sum(yb * np.log(np.maximum(p, 1e-30)))) / nb
-                    g = (p - yb) / nb
-                ema = loss if ema is None else 0.99 * ema + 0.01 * loss
+                logits -= logits.max(axis=1, keepdims=True)
+                p = np.exp(logits)
+                p /= p.sum(axis=1, keepdims=True)
+                loss = -float(np.sum(yb * np.log(np.maximum(p, 1e-30)))) / nb
+                ema = loss if step == 0 else 0.99 * ema + 0.01 * loss
                 # backward
-                gW2 = a1.T @ g
-                gb2 = g.sum(axis=0)
+                g = (p - yb) / nb
+                grads = [("W2", a1.T @ g, L), ("b2", g.sum(axis=0), L)]
                 ga = g @ net.W2[L].T
-                step += 1
-                frac = step / total
-                lr = cfg.lr * min(1.0, step / 200) * max(0.05, 1.0 - frac)  # warm-up, linear decay
-                c1 = 1 - b1**step
-                c2 = 1 - b2**step
-                grads = [("W2", gW2, L), ("b2", gb2, L)]
+                if keep is not None:
+                    ga *= keep
                 if net.W1.shape[1]:
                     gz1 = ga * (z1 > 0)
                     grads += [("W1", a.T @ gz1, None), ("b1", gz1.sum(axis=0), None)]
                     ga = gz1 @ net.W1.T
                 gz = np.ascontiguousarray(ga * (z > 0), dtype=_DT)
+                step += 1
+                # learning rate: linear warm-up, then linear decay to 5%
+                lr = cfg.lr * min(1.0, step / warm) * max(0.05, 1.0 - step / total)
+                c1 = 1 - b1**step
+                c2 = 1 - b2**step
                 for k, gk, idx in grads:
                     w = getattr(net, k)
                     m, v = adam[k]
-                    if idx is not None:
+                    if idx is not None:  # the batch's layer only (a view: updated in place)
                         w, m, v = w[idx], m[idx], v[idx]
                     m *= b1
                     m += (1 - b1) * gk
@@ -612,58 +729,86 @@ class LearnedPredictor:
                     w -= (lr * (m / c1) / (np.sqrt(v / c2) + eps)).astype(_DT)
                 me, ve = adam["emb"]
                 _sparse_adam(
-                    net.emb, me, ve, gbuf, mark, touched, fb, nfb, gz, _DT(lr), _DT(b1),
-                    _DT(b2), _DT(eps), _DT(c1), _DT(c2), _DT(cfg.weight_decay),
+                    net.emb, me, ve, gbuf, mark, touched, fb, vb, nfb, gz, _DT(b1), _DT(b2),
+                    _DT(1 - b1), _DT(1 - b2), _DT(lr / c1), _DT(1 / c2), _DT(eps),
+                    _DT(lr * cfg.weight_decay),
                 )  # fmt: skip
                 if log and time.perf_counter() >= next_log:
-                    next_log += 10
+                    next_log += 30
                     log(
-                        f"  h={h}: batch {step:,}/{total:,} loss {ema:.4f} "
+                        f"  h={h}: batch {step:,}/{total:,}, loss {ema:.4f} "
                         f"({time.perf_counter() - t_start:.0f} s)"
                     )
         if log:
-            log(
-                f"  h={h}: {total:,} batches, loss {ema:.4f}, {time.perf_counter() - t_start:.1f} s"
-            )
-        return ema if ema is not None else float("nan")
+            took = time.perf_counter() - t_start
+            log(f"  h={h}: {total:,} batches of {B}, loss {ema:.4f}, {took:.1f} s")
+        return ema
 
     # ---- inference -------------------------------------------------------------------------------
-    def scores(self, trace: Trace, horizon: int, rows: np.ndarray | None = None, _prep=None):
-        """Logits float32[len(rows), E] of the rows (all rows by default), for ``horizon``."""
-        net = self._net(horizon)
+    def log_probs(self, trace: Trace, horizon: int, _prep=None) -> np.ndarray:
+        """float32[n, E]: log-probabilities of each row's experts from the ``horizon`` network(s)
+        (the mean over an ensemble); -inf for expert ids a layer does not have."""
+        nets = self._net(horizon)
         self.check_trace(trace)
-        table, tokvoc = _prep or self._prepare(trace)
-        rows = np.arange(trace.num_rows, dtype=np.int64) if rows is None else np.asarray(rows)
-        rows = rows.astype(np.int64)
-        E = net.W2.shape[2]
-        out = np.empty((rows.shape[0], E), _DT)
+        prep = _prep or self._prepare(trace)
+        n = trace.num_rows
+        E = max(self.shape["experts_per_layer"])
+        out = np.zeros((n, E), _DT)
         F = self._max_feats(trace)
         chunk = 8192
         feats = np.empty((chunk, F), np.int32)
+        vals = np.empty((chunk, F), _DT)
         nf = np.empty(chunk, np.int32)
-        lay = trace.layer[rows]
-        order = np.argsort(lay, kind="stable")
-        bounds = np.searchsorted(lay[order], np.arange(trace.meta.num_layers + 1))
+        order = np.argsort(trace.layer, kind="stable")
+        bounds = np.searchsorted(trace.layer[order], np.arange(trace.meta.num_layers + 1))
         epl = self.shape["experts_per_layer"]
         for L in range(trace.meta.num_layers):
             idx = order[bounds[L] : bounds[L + 1]]
             for i in range(0, idx.shape[0], chunk):
                 sel = idx[i : i + chunk]
                 nb = sel.shape[0]
-                self._feats(trace, table, tokvoc, rows[sel], horizon, feats[:nb], nf[:nb])
-                lg = net.logits(feats[:nb], nf[:nb], L)
-                lg[:, epl[L] :] = -np.inf
-                out[sel] = lg
+                self._feats(prep, trace, sel, horizon, feats[:nb], vals[:nb], nf[:nb])
+                acc = np.zeros((nb, E), _DT)
+                for net in nets:
+                    with blas_threads(1):
+                        lg = net.forward(feats[:nb], vals[:nb], nf[:nb], L)[0]
+                    lg[:, epl[L] :] = -np.inf
+                    lg -= lg.max(axis=1, keepdims=True)
+                    lg -= np.log(np.exp(lg).sum(axis=1, keepdims=True))
+                    acc += lg
+                out[sel] = acc / len(nets)
         return out
 
-    def predict(self, trace: Trace, horizon: int, k: int | None = None):
+    def scores(self, trace: Trace, horizon: int, mix: float | None = None) -> np.ndarray:
+        """float32[n, E]: the ranking scores of each row's experts at ``horizon``.
+
+        The log-probabilities of the ``horizon`` network plus ``mix`` (default: the model's
+        ``horizon_mix``) times those of each longer horizon the model has: their predictions
+        were made even earlier, from less, so the mix uses nothing the runtime would not know
+        ``horizon`` layers ahead; it averages out part of each network's error.
+        """
+        horizon = int(horizon)
+        self._net(horizon)
+        mix = self.cfg.horizon_mix if mix is None else float(mix)
+        if mix < 0:
+            raise ConfigError(f"horizon mix: expected a number >= 0, got {mix}")
+        self.check_trace(trace)
+        prep = self._prepare(trace)
+        out = self.log_probs(trace, horizon, prep)
+        if mix > 0:
+            for h in self.horizons:
+                if h > horizon:
+                    out += mix * self.log_probs(trace, h, prep)
+        return out
+
+    def predict(self, trace: Trace, horizon: int, k: int | None = None, mix=None):
         """Top-k predicted experts of every row, best first, as CSR (offsets, ids)."""
         if k is None:
             k = self.shape["top_k"] or self.info.get("mean_k") or 1
         k = int(k)
         if k < 1:
             raise ConfigError(f"top_k: expected an integer >= 1, got {k}")
-        lg = self.scores(trace, horizon)
+        lg = self.scores(trace, horizon, mix)
         n, E = lg.shape
         kk = min(k, E)
         if n == 0:
@@ -678,7 +823,7 @@ class LearnedPredictor:
         keep = np.arange(kk)[None, :] < klen[:, None]
         return offsets, ranked[keep].astype(np.int16)
 
-    def _net(self, horizon: int) -> _Net:
+    def _net(self, horizon: int) -> list[_Net]:
         h = int(horizon)
         if h not in self.nets:
             raise ConfigError(
@@ -689,7 +834,6 @@ class LearnedPredictor:
 
     # ---- save / load ---------------------------------------------------------------------------
     def header(self) -> dict:
-        E, *_, n_emb = self._layout()
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -697,7 +841,8 @@ class LearnedPredictor:
             "horizons": self.horizons,
             "token_kind": self.token_kind,
             "vocab_size": int(self.vocab.shape[0]),
-            "embedding_rows": int(n_emb),
+            "embedding_rows": int(self._layout()["rows"]),
+            "weights_dtype": "float16",
             "config": asdict(self.cfg),
             "info": self.info,
         }
@@ -709,8 +854,10 @@ class LearnedPredictor:
         path = Path(path)
         arrays = {"meta_json": np.array(json.dumps(self.header()))}
         arrays["vocab"] = self.vocab
-        for h, net in self.nets.items():
-            arrays.update(net.arrays(f"h{h}_"))
+        for h, nets in self.nets.items():  # float16 on disk: the weights are rounded to it
+            for i, net in enumerate(nets):
+                w = net.arrays(f"h{h}_{i}_")
+                arrays.update({k: v.astype(np.float16) for k, v in w.items()})
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
@@ -750,17 +897,20 @@ class LearnedPredictor:
             shape = head["shape"]
             model = cls(shape, cfg, head["token_kind"], arrays["vocab"], {})
             for h in head["horizons"]:
-                model.nets[int(h)] = _Net.from_arrays(arrays, f"h{h}_")
+                model.nets[int(h)] = [
+                    _Net.from_arrays(arrays, f"h{h}_{i}_") for i in range(cfg.ensemble)
+                ]
             model.info = head.get("info", {})
-            E, *_, n_emb = model._layout()
-            for h, net in model.nets.items():
-                want = (n_emb, cfg.hidden)
-                if net.emb.shape != want or net.W2.shape != (
-                    shape["num_layers"],
-                    cfg.hidden2 or cfg.hidden,
-                    E,
-                ):
-                    raise ValueError(f"h{h} weights of shape {net.emb.shape}, expected {want}")
+            lay = model._layout()
+            for h, net in ((h, n) for h, nets in model.nets.items() for n in nets):
+                want = {
+                    "emb": (lay["rows"], cfg.hidden),
+                    "W2": (shape["num_layers"], cfg.hidden2 or cfg.hidden, lay["E"]),
+                }
+                for k, shp in want.items():
+                    got = getattr(net, k).shape
+                    if got != shp:
+                        raise ValueError(f"weights h{h}_{k} of shape {got}, expected {shp}")
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: damaged model file: {exc}") from None
         return model

@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="experts predicted per (token, layer) (default: the model's top_k)",
     )  # fmt: skip
     p.add_argument(
+        "--horizon-mix", type=float, metavar="W",
+        help="add W x the log-probabilities of each longer horizon the model has "
+        "(default: the model's setting; 0: each horizon's own network only)",
+    )  # fmt: skip
+    p.add_argument(
         "--skip-first", type=int, default=0, metavar="N",
         help="also score leaving out each sequence's first N tokens",
     )  # fmt: skip
@@ -61,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.score_only:
-        if args.model or args.output:
-            raise ConfigError("--score-only scores the trace's own columns: drop --model and -o")
+        if args.model or args.output or args.horizon_mix is not None:
+            raise ConfigError(
+                "--score-only scores the trace's own columns: drop --model, -o and --horizon-mix"
+            )
         trace = read_trace(args.trace)
         horizons = args.horizons or sorted(trace.preds)
         if not horizons:
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model.check_trace(trace, where=f"model {args.model}")
         t0 = time.perf_counter()
         for h in horizons:
-            trace.preds[int(h)] = model.predict(trace, h, args.top_k)
+            trace.preds[int(h)] = model.predict(trace, h, args.top_k, args.horizon_mix)
         pred_s = time.perf_counter() - t0
         ours = sorted(int(h) for h in horizons)
         others = sorted(set(trace.preds) - set(ours))
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             "model": str(args.model),
             "horizons": ours,
             "top_k": args.top_k or model.shape["top_k"],
+            "horizon_mix": model.cfg.horizon_mix if args.horizon_mix is None else args.horizon_mix,
             "trained_on": model.info.get("trained_on"),
             "other_pred_columns": [pred_column(h) for h in others],
         }

@@ -43,6 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="do not use the token text / id (a model that works on any trace of the shape)",
     )  # fmt: skip
     p.add_argument(
+        "--token-context", type=int, default=d.token_context, metavar="C",
+        help="also the ids of the previous C tokens (needs the token feature)",
+    )  # fmt: skip
+    p.add_argument(
+        "--subwords", type=int, default=d.subwords, metavar="N",
+        help="hash buckets for the character 3-grams of the token text (0: off; text only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--position", action="store_true",
+        help="also a log2 bucket of the token's index in its sequence",
+    )  # fmt: skip
+    p.add_argument(
         "--min-token-count", type=int, default=d.min_token_count, metavar="N",
         help="tokens seen fewer times in training share the 'unknown' embedding",
     )  # fmt: skip
@@ -64,6 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-rows", type=int, default=d.max_rows, metavar="N",
         help="train on a random N rows per horizon (0: all rows)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dropout", type=float, default=d.dropout, metavar="P",
+        help="dropout on the hidden layer while training",
+    )  # fmt: skip
+    p.add_argument(
+        "--ensemble", type=int, default=d.ensemble, metavar="N",
+        help="networks per horizon (different seeds; their log-probabilities are averaged)",
+    )  # fmt: skip
+    p.add_argument(
+        "--horizon-mix", type=float, default=d.horizon_mix, metavar="W",
+        help="default for predict: add W x the log-probabilities of each longer horizon",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument(
@@ -93,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         src_layers=args.src_layers,
         prev_tokens=args.prev_tokens,
         use_token=not args.no_token,
+        token_context=args.token_context,
+        subwords=args.subwords,
+        position=args.position,
         min_token_count=args.min_token_count,
         hidden=args.hidden,
         hidden2=args.hidden2,
@@ -100,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        ensemble=args.ensemble,
+        horizon_mix=args.horizon_mix,
         max_rows=args.max_rows,
         seed=args.seed,
     )
