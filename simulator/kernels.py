@@ -398,6 +398,16 @@ def _unused_prefetches(status, oi, of, links, heap, nodes, parts, stash, ip, fp,
 
 # --------------------------------------------------------------------------- timed mode
 @njit(inline="always", **HOT)
+def _enqueue(pend, pend_t, npend, o, cls, order, t):
+    """Queue a transfer of ``o`` (class 0 demand, 1 prefetch) issued at time ``t``."""
+    pend[npend, 0] = o
+    pend[npend, 1] = cls
+    pend[npend, 2] = order
+    pend_t[npend] = t
+    return npend + 1
+
+
+@njit(inline="always", **HOT)
 def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
     i = cnt[C_EVENTS]
     if i < ev_kind.shape[0]:
@@ -637,11 +647,7 @@ def replay_timed(
                         admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, IN_FLIGHT)
                 if ok:
                     arrive[o] = INF
-                    pend[npend, 0] = o
-                    pend[npend, 1] = 0
-                    pend[npend, 2] = seq
-                    pend_t[npend] = now
-                    npend += 1
+                    npend = _enqueue(pend, pend_t, npend, o, 0, seq, now)
                     seq += 1
                 else:
                     m_state[k] = 1
@@ -726,11 +732,7 @@ def replay_timed(
                         pf_flag[o] = 1
                         cnt[C_PF_ISSUED] += 1
                         cnt[C_PF_BYTES] += obj_bytes[o]
-                        pend[npend, 0] = o
-                        pend[npend, 1] = 1
-                        pend[npend, 2] = seq
-                        pend_t[npend] = now
-                        npend += 1
+                        npend = _enqueue(pend, pend_t, npend, o, 1, seq, now)
                         seq += 1
                     else:
                         cnt[C_PF_DROPPED] += 1
@@ -931,11 +933,7 @@ def _issue_deferred(
             break
         admit(status, oi, of, links, heap, nodes, parts, ip, fp, od, IN_FLIGHT)
         arrive[od] = INF
-        pend[npend, 0] = od
-        pend[npend, 1] = 0
-        pend[npend, 2] = seq + k
-        pend_t[npend] = cur
-        npend += 1
+        npend = _enqueue(pend, pend_t, npend, od, 0, seq + k, cur)
         m_state[k] = 3  # issued, ready time read after the flush
         n_deferred -= 1
         issued = True
