@@ -10,10 +10,14 @@ first 10 tokens, as MoE-Beyond's protocol does), next to:
   horizon-free: its predictor sees the whole prompt, no expert activations), scored the same way;
 - simple baselines fitted on the same training rows: per-layer popularity; the previous
   token's experts at the same layer; cross-layer co-occurrence from the token's experts h
-  layers earlier; the token's identity (per-token expert frequencies per layer); a ridge
-  regression on the token's experts at layers l-h .. l-h-3 and the previous 2 tokens' experts
-  at layer l. Where a baseline has nothing to go on (first token, unseen token, l < h) it
-  falls back to per-layer popularity.
+  layers earlier (expert b scored by the sum of P(b at l | a at l-h) over the token's experts
+  a at l-h); the token's identity (per-token expert frequencies per layer); a ridge regression
+  on the token's experts at layers l-h .. l-h-3 and the previous 2 tokens' experts at layer l.
+  Where a baseline has nothing to go on (first token, unseen token, l < h) it falls back to
+  per-layer popularity.
+
+The learned model's own run also reports the per-layer recall at h=1 next to MoE-Beyond's
+(--per-layer).
 
     python benchmarks/predictor_eval.py [DATA] [--horizons 1 2 4] [--epochs E]
         [--model MODEL.npz | --save-model MODEL.npz] [--train-limit N] [--json]
@@ -165,9 +169,8 @@ class Baselines:
         return p / p.sum(axis=1, keepdims=True)
 
     def cooccurrence(self, test, h: int):
-        C = _cooc_kernel(
-            self.ttab.rowidx, self.train.offsets, self.train.experts, h, self.E
-        )  # fmt: skip
+        C = _cooc_kernel(self.ttab.rowidx, self.train.offsets, self.train.experts, h, self.E)
+        C /= np.maximum(C.sum(axis=2, keepdims=True), 1)  # P(expert b at l | expert a at l-h)
         tab = token_table(test)
         src = _row_at(tab, tab.tok, test.layer.astype(np.int64) - h)
         M = _multihot(test, src, self.E)
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save-model", help="save the trained model here")
     ap.add_argument("--train-limit", type=int, help="train on the first N Puffin prompts only")
     ap.add_argument("--no-baselines", action="store_true", help="skip the simple baselines")
+    ap.add_argument("--per-layer", action="store_true", help="also recall per layer (h=1)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -298,12 +302,21 @@ def main(argv=None) -> int:
             model.save(args.save_model)
     info["config"] = model.header()["config"]
     t = time.perf_counter()
-    res["moesim learned"] = {h: score(test, model.predict(test, h, K), h) for h in args.horizons}
+    preds = {h: model.predict(test, h, K) for h in args.horizons}
     info["predict_s"] = round(time.perf_counter() - t, 2)
+    res["moesim learned"] = {h: score(test, preds[h], h) for h in args.horizons}
+    h0 = args.horizons[0]
+    test.preds = {h0: preds[h0]}
+    per_layer = {"moesim learned": score_predictions(test, h0)["per_layer"]["recall"]}
+    # each horizon's own network alone (no mixing in the longer horizons'), for comparison
+    res["moesim learned, own horizon only"] = {
+        h: score(test, model.predict(test, h, K, 0.0), h) for h in args.horizons
+    }
 
     # MoE-Beyond's own predictions: horizon-free, the same score at every horizon
     mbs = score(mb, mb.preds[1], 1)
     res["MoE-Beyond (published)"] = {h: mbs for h in args.horizons}
+    per_layer["MoE-Beyond (published)"] = score_predictions(mb, 1)["per_layer"]["recall"]
 
     if not args.no_baselines:
         b = Baselines(train, nl, E)
@@ -322,6 +335,7 @@ def main(argv=None) -> int:
     info["peak_rss_mib"] = round(peak_rss_mib())
 
     if args.json:
+        info["per_layer_recall"] = {k: v.tolist() for k, v in per_layer.items()}
         print(json.dumps({"results": res, **info}, default=float))
         return 0
     hs = args.horizons
@@ -338,6 +352,12 @@ def main(argv=None) -> int:
         cells = [f"{100 * per_h[h]['recall']:.1f}%" for h in hs]
         cells += [f"{100 * per_h[h]['recall_skip']:.1f}%" for h in hs]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.per_layer:
+        print(f"\nRecall per MoE layer at h={h0} (layers 1..{nl} of the model):\n")
+        print("| predictor | " + " | ".join(str(i + 1) for i in range(nl)) + " |")
+        print("|" + " --- |" * (1 + nl))
+        for name, rec in per_layer.items():
+            print(f"| {name} | " + " | ".join(f"{100 * x:.0f}" for x in rec) + " |")
     print()
     print(f"training: {info['train_s']} s on {machine()}; prediction of the test set at "
           f"{len(hs)} horizons: {info['predict_s']} s; peak memory {info['peak_rss_mib']} MiB; "

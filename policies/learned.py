@@ -619,7 +619,8 @@ class LearnedPredictor:
         n_emb = model._layout()["rows"]
         rng = np.random.default_rng(cfg.seed)
         stats = {
-            "rows": trace.num_rows,
+            "rows": min(cfg.max_rows, trace.num_rows) if cfg.max_rows else trace.num_rows,
+            "trace_rows": trace.num_rows,
             "tokens": table.num_tokens,
             "vocab": len(model.vocab),
             "mean_k": max(1, int(round(trace.num_activations / trace.num_rows))),

@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     print(
-        f"trained horizons {model.horizons} on {model.info['rows']:,} rows "
-        f"({model.info['tokens']:,} tokens, vocabulary {model.info['vocab']:,}) in "
+        f"trained horizons {model.horizons} on {model.info['rows']:,} rows of "
+        f"{model.info['trace_rows']:,} ({model.info['tokens']:,} tokens, vocabulary "
+        f"{model.info['vocab']:,}) in "
         f"{model.info['train_s']:.1f} s; wrote {path}"
     )
     if valid is not None:
