@@ -28,6 +28,7 @@ from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
 from simulator.prefetch_lists import empty_lists, issue_lists, target_lists
 from traces.errors import ConfigError
+from traces.presets import DTYPE_BYTES
 from traces.trace import Trace
 
 EVENT_KINDS = {K.EV_DENSE: "dense", K.EV_COMPUTE: "compute", K.EV_DEMAND: "demand",
@@ -294,17 +295,11 @@ def hardware_vector(prep: Prepared, cfg: SimConfig) -> np.ndarray:
     else:
         hw[K.H_EXPERT] = cp.expert_s
     if cp.expert_per_token_s is None:
-        params = mean_bytes / _dtype_bytes(prep.meta.dtype)
+        params = mean_bytes / DTYPE_BYTES.get(prep.meta.dtype, 2.0)
         hw[K.H_EXPERT_TOK] = 2.0 * params / (cp.gpu_tflops * 1e12)
     else:
         hw[K.H_EXPERT_TOK] = cp.expert_per_token_s
     return hw
-
-
-def _dtype_bytes(dtype: str) -> float:
-    return {"float32": 4.0, "float8": 1.0, "int8": 1.0, "int4": 0.5, "mxfp4": 0.53125}.get(
-        dtype, 2.0
-    )
 
 
 def _result(prep, cfg, name, policy_text, geo, cnt, fl, hits_layer, acc_layer, stall_layer,

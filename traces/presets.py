@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from traces.errors import ConfigError
 
-_DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0,
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0,
                 "mxfp4": 0.53125, "int4": 0.5}  # fmt: skip
 
 
@@ -51,12 +51,12 @@ class ModelPreset:
     @property
     def expert_bytes(self) -> int:
         """Bytes of one routed expert's weights in ``dtype``."""
-        return int(self.expert_params * _DTYPE_BYTES[self.dtype])
+        return int(self.expert_params * DTYPE_BYTES[self.dtype])
 
     @property
     def shared_expert_bytes(self) -> int:
         return int((3 if self.gated else 2) * self.hidden * self.shared_ffn
-                   * _DTYPE_BYTES[self.dtype])  # fmt: skip
+                   * DTYPE_BYTES[self.dtype])  # fmt: skip
 
     @property
     def expert_flops_per_token(self) -> float:
@@ -72,17 +72,55 @@ PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
         ModelPreset("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, 8, 2, 4096, 14336),
-        ModelPreset("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite", 26, 64, 6, 2048, 1408,
-                    shared_experts=2, shared_ffn=1408),
-        ModelPreset("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", 24, 60, 4, 2048, 1408,
-                    shared_experts=4, shared_ffn=1408),
+        ModelPreset(
+            "deepseek-v2-lite",
+            "deepseek-ai/DeepSeek-V2-Lite",
+            26,
+            64,
+            6,
+            2048,
+            1408,
+            shared_experts=2,
+            shared_ffn=1408,
+        ),
+        ModelPreset(
+            "qwen1.5-moe-a2.7b",
+            "Qwen/Qwen1.5-MoE-A2.7B",
+            24,
+            60,
+            4,
+            2048,
+            1408,
+            shared_experts=4,
+            shared_ffn=1408,
+        ),
         ModelPreset("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", 16, 64, 8, 2048, 1024),
-        ModelPreset("switch-base-128", "google/switch-base-128", 12, 128, 1, 768, 3072,
-                    gated=False),
-        ModelPreset("flame-moe-290m", "CMU-FLAME/FLAME-MoE-290M", 8, 64, 6, 512, 1408,
-                    shared_experts=2, shared_ffn=1408),
-        ModelPreset("deepseek-v3", "deepseek-ai/DeepSeek-V3", 58, 256, 8, 7168, 2048,
-                    shared_experts=1, shared_ffn=2048, dtype="float8"),
+        ModelPreset(
+            "switch-base-128", "google/switch-base-128", 12, 128, 1, 768, 3072, gated=False
+        ),
+        ModelPreset(
+            "flame-moe-290m",
+            "CMU-FLAME/FLAME-MoE-290M",
+            8,
+            64,
+            6,
+            512,
+            1408,
+            shared_experts=2,
+            shared_ffn=1408,
+        ),
+        ModelPreset(
+            "deepseek-v3",
+            "deepseek-ai/DeepSeek-V3",
+            58,
+            256,
+            8,
+            7168,
+            2048,
+            shared_experts=1,
+            shared_ffn=2048,
+            dtype="float8",
+        ),
         ModelPreset("gpt-oss-20b", "openai/gpt-oss-20b", 24, 32, 4, 2880, 2880, dtype="mxfp4"),
     ]  # fmt: skip
 }

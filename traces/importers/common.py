@@ -360,6 +360,18 @@ def fixed_width(offsets: np.ndarray) -> int | None:
     return k if np.all(lengths == k) else None
 
 
+def csr_concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate CSR lists (offsets, values) end to end into one."""
+    if len(parts) == 1:
+        return parts[0]
+    offs = [parts[0][0]]
+    base = int(parts[0][0][-1])
+    for o, _ in parts[1:]:
+        offs.append(o[1:] + base)
+        base += int(o[-1])
+    return np.concatenate(offs), np.concatenate([v for _, v in parts])
+
+
 def csr_take(offsets: np.ndarray, values: np.ndarray, order: np.ndarray):
     """Rows ``order`` of a CSR list, in that order: ``(new_offsets, new_values)``."""
     n = order.shape[0]

@@ -43,6 +43,7 @@ from traces.importers.common import (
     Timer,
     add_model_arguments,
     build_meta,
+    csr_concat,
     csr_take,
     expand_sources,
     number_in_name,
@@ -309,10 +310,10 @@ def import_moe_beyond(
     rows_per_file = np.concatenate([p["rows"] for p in parts])
     raw_layer = np.concatenate([p["layer"] for p in parts])
     pos = np.concatenate([p["pos"] for p in parts])
-    act_off, act_val = _concat_csr([p["act"] for p in parts])
+    act_off, act_val = csr_concat([p["act"] for p in parts])
     preds = None
     if with_pred:
-        preds = _concat_csr([p["pred"] for p in parts])
+        preds = csr_concat([p["pred"] for p in parts])
     text_files = np.concatenate([p["text_files"] for p in parts])
     ascending = np.concatenate([p["ascending"] for p in parts])
 
@@ -441,17 +442,6 @@ def _dense(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present = np.bincount(raw - lo, minlength=hi - lo + 1) > 0
     lookup = np.cumsum(present) - 1
     return np.flatnonzero(present) + lo, lookup[raw - lo]
-
-
-def _concat_csr(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    offs = [parts[0][0]]
-    base = parts[0][0][-1]
-    for o, _ in parts[1:]:
-        offs.append(o[1:] + base)
-        base = base + o[-1]
-    return np.concatenate(offs), np.concatenate([v for _, v in parts])
 
 
 # --------------------------------------------------------------------------- CLI

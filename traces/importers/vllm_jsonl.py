@@ -49,6 +49,7 @@ from traces.importers.common import (
     Timer,
     add_model_arguments,
     build_meta,
+    csr_concat,
     csr_take,
     expand_sources,
     occurrence_index,
@@ -403,11 +404,11 @@ def import_vllm(
     r_all = np.tile(np.arange(r), L)
     l_all = np.repeat(np.arange(L), r)
     order = np.lexsort((r_all, l_all, np.tile(step, L)))
-    ids_off, ids_val = _stack([_drop_rows(s.ids, drop) for s in ordered])
+    ids_off, ids_val = csr_concat([_drop_rows(s.ids, drop) for s in ordered])
     off, ex = csr_take(ids_off, ids_val, order)
     weights = None
     if all(s.weights is not None for s in ordered):
-        w_off, w_val = _stack([_drop_rows(s.weights, drop) for s in ordered])
+        w_off, w_val = csr_concat([_drop_rows(s.weights, drop) for s in ordered])
         weights = csr_take(w_off, w_val, order)[1]
     else:
         meta.extra["weights_note"] = "some logs lack topk_weights: no weights column"
@@ -429,15 +430,6 @@ def import_vllm(
 def _drop_rows(csr: tuple[np.ndarray, np.ndarray], drop: int):
     off, val = csr
     return off[drop:] - off[drop], val[off[drop] :]
-
-
-def _stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    offs = [parts[0][0]]
-    base = int(parts[0][0][-1])
-    for o, _ in parts[1:]:
-        offs.append(o[1:] + base)
-        base += int(o[-1])
-    return np.concatenate(offs), np.concatenate([v for _, v in parts])
 
 
 # --------------------------------------------------------------------------- CLI
