@@ -3,7 +3,10 @@
 numba's on-disk cache checks only the timestamp of the file that defines a kernel, not of the
 files whose jitted functions it inlines (a policy's hooks are inlined into the replay kernels),
 so an edited policy could silently run stale machine code. Keying the cache folder on the
-source of every moesim package makes that impossible. Set NUMBA_CACHE_DIR to override.
+source of every moesim module that holds jitted code (any file that mentions numba or this
+module, and all of policies/, whose constants the kernels freeze in) makes that impossible,
+while edits to plain-Python modules (CLI, plots, sweeps) keep the compiled kernels.
+Set NUMBA_CACHE_DIR to override.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ def source_hash() -> str:
     h = hashlib.sha1()
     for pkg in _PACKAGES:
         for f in sorted((_ROOT / pkg).rglob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+            text = f.read_bytes()
+            if pkg == "policies" or b"numba" in text or b"_jit" in text:
+                h.update(f.name.encode())
+                h.update(text)
     return h.hexdigest()[:16]
 
 
