@@ -7,11 +7,14 @@ side in one process:
 
 - moesim count mode, LRU / FIFO / LFU / Belady, atomic and sequential access: accesses per
   second of ``kernel_s`` (the jitted replay loop alone; compiled kernels are loaded first).
+  LRU and FIFO run on the list fast path (simulator/fast_count.py); they are also measured
+  on the general kernel (``fast_count.general_kernel()``), and both records must be equal.
 - libCacheSim (Python binding, C core) LRU / FIFO / LFU / Belady on the oracleGeneral export
   of the same trace: accesses per second of the wall time of ``cache.process_trace(reader)``,
   which includes reading each 24-byte record from the memory-mapped file, the hash-table
   lookup and the policy's update and eviction; not cache creation or opening the reader.
-- moesim timed mode (no prefetch, and the oracle prefetcher) against count mode, atomic.
+- moesim timed mode (no prefetch, and the oracle prefetcher) against count mode, atomic
+  (against the fast path and the general count kernel for LRU and FIFO).
 
 Sequential moesim must give exactly libCacheSim's miss count; the table says so per policy.
 Ratios are against libCacheSim measured in the same run, never absolute targets.
@@ -30,6 +33,7 @@ from _common import count_config, default_trace, git_head, log, machine, peak_rs
 
 POLICIES = ["lru", "fifo", "lfu", "belady"]
 LCS_CLASS = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+FAST = {"lru", "fifo"}  # served by the count fast path (simulator/fast_count.py)
 
 
 def best_of(repeat: int, fn):
@@ -42,14 +46,28 @@ def best_of(repeat: int, fn):
     return best
 
 
-def warm_up_oracle_prefetch() -> None:
-    """Load (or compile) what the oracle prefetcher's list building jits, on a toy trace."""
-    from simulator.engine import prepare, run
+def _toy():
+    from simulator.engine import prepare
     from traces.synth import SynthKnobs, synth_trace
 
     knobs = SynthKnobs(sequences=2, prefill_len=3, decode_len=3, batch_size=2)
-    toy = prepare(synth_trace("deepseek-v2-lite", knobs))
-    run(toy, count_config(64, "atomic", mode="timed", prefetch="oracle"), "lru")
+    return prepare(synth_trace("deepseek-v2-lite", knobs))
+
+
+def warm_up_oracle_prefetch() -> None:
+    """Load (or compile) what the oracle prefetcher's list building jits, on a toy trace."""
+    from simulator.engine import run
+
+    run(_toy(), count_config(64, "atomic", mode="timed", prefetch="oracle"), "lru")
+
+
+def warm_up_fast_count() -> None:
+    """Load (or compile) the count fast path's kernels, both access modes, on a toy trace."""
+    from simulator.engine import run
+
+    toy = _toy()
+    for access in ("atomic", "sequential"):
+        run(toy, count_config(64, access), "lru")
 
 
 def main(argv=None) -> int:
@@ -68,6 +86,7 @@ def main(argv=None) -> int:
     import libcachesim as lcs
     import numpy as np
 
+    from simulator import fast_count
     from simulator.engine import prepare, run
     from simulator.export import export
     from simulator.warmup import warm_up
@@ -83,6 +102,7 @@ def main(argv=None) -> int:
     n = prep.acc.num_accesses
     t = time.perf_counter()
     warm_up("count")
+    warm_up_fast_count()
     if not args.no_timed:
         warm_up("timed")
         warm_up_oracle_prefetch()
@@ -95,8 +115,9 @@ def main(argv=None) -> int:
     if n < 10_000_000:
         log(f"note: {n:,} accesses (< 10 M): figures are noisier than on the full trace")
 
-    # ---- moesim count mode
+    # ---- moesim count mode (LRU and FIFO: the fast path, then the general kernel)
     moe: dict[tuple[str, str], tuple[float, dict]] = {}
+    gen: dict[tuple[str, str], tuple[float, dict]] = {}
     for policy in policies:
         for access in ("atomic", "sequential"):
             cfg = count_config(args.slots, access)
@@ -109,6 +130,15 @@ def main(argv=None) -> int:
 
             moe[policy, access] = best_of(args.repeat, one)
             log(f"moesim {policy} {access}: {moe[policy, access][0]:.2f} s")
+            if policy in FAST:
+                with fast_count.general_kernel():
+                    gen[policy, access] = best_of(args.repeat, one)
+                log(f"moesim {policy} {access} general kernel: {gen[policy, access][0]:.2f} s")
+                a, b = moe[policy, access][1], gen[policy, access][1]
+                differ = [k for k in a if k not in ("kernel_s", "wall_s") and a[k] != b[k]]
+                if differ:
+                    raise SystemExit(f"{policy} {access}: fast path and general kernel differ "
+                                     f"in {differ}")  # fmt: skip
 
     # ---- libCacheSim on the oracleGeneral export
     tmpdir = None
@@ -148,6 +178,14 @@ def main(argv=None) -> int:
         same = "yes" if rs["misses"] == ml else f"NO: {rs['misses']:,} vs {ml:,}"
         print(f"{policy:8} {rate(n, ka)} {rate(n, ks):>10} {rate(n, kl):>11} "
               f"{kl / ks:8.2f} {kl / ka:8.2f}  {same} ({ml:,} misses)")  # fmt: skip
+        if policy in FAST:
+            ga, gs = gen[policy, "atomic"][0], gen[policy, "sequential"][0]
+            print(f"{'  general':8} {rate(n, ga)} {rate(n, gs):>10} {'':>11} "
+                  f"{kl / gs:8.2f} {kl / ga:8.2f}  (general kernel: same records as the "
+                  f"fast path; fast path {ga / ka:.2f}x / {gs / ks:.2f}x faster)")  # fmt: skip
+    print("atomic / sequential throughput: "
+          + ", ".join(f"{p} {moe[p, 'sequential'][0] / moe[p, 'atomic'][0]:.2f}"
+                      for p in policies))  # fmt: skip
     print()
     print("moesim run() wall time beyond the kernel (set-up, result), seconds:")
     print("  " + ", ".join(f"{p}/{a[:3]} {moe[p, a][1]['wall_s'] - moe[p, a][0]:.3f}"
@@ -172,13 +210,16 @@ def main(argv=None) -> int:
         print("timed mode vs count mode (atomic): accesses/s in millions of kernel_s, and")
         print("timed throughput as a fraction of count mode's; the oracle prefetcher's lists")
         print("are built in run() outside the kernel: its whole run() wall time is shown too")
-        print(f"{'policy':8} {'count':>8} {'timed':>8} {'t+oracle':>8} "
-              f"{'timed/cnt':>9} {'orcl/cnt':>9} {'oracle run() wall s':>20}")  # fmt: skip
+        print("(LRU, FIFO: count = the fast path; 'general' = the general count kernel)")
+        print(f"{'policy':8} {'count':>8} {'general':>8} {'timed':>8} {'t+oracle':>8} "
+              f"{'timed/cnt':>9} {'orcl/cnt':>9} {'orcl/gen':>9} "
+              f"{'oracle run() wall s':>20}")  # fmt: skip
         for policy in policies:
             kc = moe[policy, "atomic"][0]
+            kg = gen[policy, "atomic"][0] if policy in FAST else kc
             kt, ko = timed[policy, "none"][0], timed[policy, "oracle"][0]
-            print(f"{policy:8} {rate(n, kc)} {rate(n, kt)} {rate(n, ko)} "
-                  f"{kc / kt:9.2f} {kc / ko:9.2f} "
+            print(f"{policy:8} {rate(n, kc)} {rate(n, kg)} {rate(n, kt)} {rate(n, ko)} "
+                  f"{kc / kt:9.2f} {kc / ko:9.2f} {kg / ko:9.2f} "
                   f"{timed[policy, 'oracle'][1]['wall_s']:20.2f}")  # fmt: skip
     print()
     print(f"peak RSS {peak_rss_mib():.0f} MiB")

@@ -126,7 +126,12 @@ def remove(status, oi, of, links, heap, nodes, parts, ip, o):
 
 @njit(inline="always", **HOT)
 def evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
-    """Resident (or arrived), not protected by a pin in [pin_lo, pin_hi], not needed sooner."""
+    """Resident (or arrived), not protected by a pin in [pin_lo, pin_hi], not needed sooner.
+
+    "Needed sooner": an outstanding prefetch aims it at a group no later than ``need_limit``.
+    A prefetch aimed at the current group or an earlier one that went unused protects nothing
+    (the current group is ``(pin_lo - 1) >> 2``: callers pass ``pin_lo`` = 4g + 1 or 4g + 2).
+    """
     s = status[o]
     if s == RESIDENT:
         pass
@@ -138,7 +143,8 @@ def evictable(status, oi, o, pin_lo, pin_hi, need_by, need_limit, arrive, now):
     pv = oi[o, OI_PIN]
     if pv >= pin_lo and pv <= pin_hi:
         return False
-    return need_by[o] > need_limit
+    nb = need_by[o]
+    return nb > need_limit or nb <= ((pin_lo - 1) >> 2)
 
 
 @njit(**HOT)

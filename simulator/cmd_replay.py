@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from policies.registry import POLICIES
 from simulator.config import SimConfig, apply_overrides, load_config
 from simulator.engine import prepare, run
 from simulator.report import json_line, table
+from simulator.sweep import model_meta
 from simulator.warmup import warm_up
 from traces.errors import ConfigError
 from traces.io import atomic_path, read_trace
@@ -83,9 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--prefetch",
-        choices=["none", "oracle", "trace"],
-        help="prefetcher: 'oracle' knows the trace's future, 'trace' uses its "
-        f"pred_h{{H}} columns (default: {d.replay.prefetch})",
+        metavar="NAME[:key=value,...]",
+        help="prefetcher: none, oracle (knows the trace's future), trace (its pred_h{H} "
+        "columns), prev-token, cross-layer[:train=TRACE], moe-infinity[:capacity=N,warm=TRACE], "
+        "learned:model=FILE, adaptive[:base=NAME,max=H] (docs/policies.md; "
+        f"default: {d.replay.prefetch})",
     )
     p.add_argument(
         "--horizon",
@@ -171,6 +175,7 @@ def build_config(args: argparse.Namespace):
 def run_cli(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     trace = read_trace(args.trace)
+    trace = dataclasses.replace(trace, meta=model_meta(trace.meta, cfg.model))  # [model]
     prep = prepare(trace)
     profile = prepare(read_trace(args.profile)) if args.profile else None
     warm_up(cfg.replay.mode)

@@ -7,7 +7,7 @@ access; it never loops per access itself.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -23,10 +23,11 @@ from policies.state import (
     PINNED,
     new_state,
 )
+from simulator import fast_count, prefetchers
 from simulator import kernels as K
 from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
-from simulator.prefetch_lists import empty_lists, issue_lists, target_lists
+from simulator.prefetch_lists import empty_lists
 from traces.errors import ConfigError
 from traces.presets import DTYPE_BYTES
 from traces.trace import Trace
@@ -44,6 +45,8 @@ class Prepared:
     next_use: np.ndarray
     first_use: np.ndarray
     obj_bytes: np.ndarray
+    #: prefetch lists and predictions built for this trace, reused across runs (prefetchers.py)
+    cache: dict = field(default_factory=dict)
 
     @property
     def meta(self):
@@ -222,8 +225,7 @@ def run(
     events = None
     if r.mode == "count":
         if r.prefetch != "none" and free_prefetch:
-            pf_off, pf_obj = target_lists(prep.trace, acc, r.prefetch, r.horizon)
-            pf_off = np.asarray(pf_off, np.int64)
+            pf_off, pf_obj = prefetchers.free_lists(prep, cfg)
         elif r.prefetch != "none":
             raise ConfigError(
                 "replay.prefetch: count mode has no link to prefetch over; use mode 'timed' "
@@ -234,17 +236,18 @@ def run(
         reset = _bool_mask(reset_groups, acc.num_groups, "reset_groups")
         measure = _bool_mask(measure_groups, acc.num_groups, "measure_groups")
         t0 = time.perf_counter()
-        K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use, atomic,
-                       pf_off, pf_obj, reset, measure, prep.obj_bytes, cnt, hits_layer,
-                       acc_layer, *K.count_scratch(acc.num_objects))  # fmt: skip
+        if fast_count.applies(spec, st):  # LRU/FIFO: the list-only kernel, same counts
+            fast_count.replay_count(st, spec, acc, atomic, pf_off, pf_obj, reset, measure,
+                                    prep.obj_bytes, cnt, hits_layer, acc_layer)  # fmt: skip
+        else:
+            K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use,
+                           atomic, pf_off, pf_obj, reset, measure, prep.obj_bytes, cnt,
+                           hits_layer, acc_layer, *K.count_scratch(acc.num_objects))  # fmt: skip
         kernel_s = time.perf_counter() - t0
     else:
         if free_prefetch or reset_groups is not None or measure_groups is not None:
             raise ConfigError("free prefetch, cache resets and warm-up are count-mode settings")
-        if r.prefetch != "none":
-            pf_off, pf_obj, pf_tgt = issue_lists(prep.trace, acc, r.prefetch, r.horizon)
-        else:
-            pf_off, pf_obj, pf_tgt = empty_lists(acc.num_groups)
+        pf_off, pf_obj, pf_tgt = prefetchers.issue_lists(prep, cfg)
         hw = hardware_vector(prep, cfg)
         n_ev = int(r.events)
         ev = (np.zeros(n_ev, np.int8), np.zeros(n_ev, np.int64), np.zeros(n_ev, np.int32),
@@ -308,6 +311,9 @@ def _result(prep, cfg, name, policy_text, geo, cnt, fl, hits_layer, acc_layer, s
     accesses = int(acc_layer.sum())
     hits = int(cnt[K.C_HITS])
     timed = r.mode == "timed"
+    if "num_tokens" not in prep.cache:
+        prep.cache["num_tokens"] = prep.trace.num_tokens
+    tokens = prep.cache["num_tokens"]
     res = {
         "policy": name if policy_text == name else policy_text,
         "trace": prep.trace.path,
@@ -338,7 +344,9 @@ def _result(prep, cfg, name, policy_text, geo, cnt, fl, hits_layer, acc_layer, s
         "prefetch_late": int(cnt[K.C_PF_LATE]),
         "prefetch_cancelled": int(cnt[K.C_PF_CANCELLED]),
         "prefetch_dropped": int(cnt[K.C_PF_DROPPED]),
+        "tokens": tokens,
         "stall_s": float(fl[K.F_STALL]) if timed else None,
+        "stall_s_per_token": float(fl[K.F_STALL]) / max(tokens, 1) if timed else None,
         "late_prefetch_stall_s": float(fl[K.F_LATE_STALL]) if timed else None,
         "total_s": float(fl[K.F_TOTAL]) if timed else None,
         "compute_s": float(fl[K.F_COMPUTE]) if timed else None,

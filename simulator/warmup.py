@@ -34,6 +34,10 @@ def warm_up(mode: str = "count") -> None:
     prep = prepare(tr)
     for policy in ("lru", "belady", "static"):
         run(prep, cfg, policy)
+    if mode == "count":  # the fast LRU/FIFO path's sequential loop too
+        cfg.replay.access = "sequential"
+        run(prep, cfg, "lru")
+        cfg.replay.access = "atomic"
     if mode == "timed":  # the prefetch-list builders too
         cfg.replay.prefetch = "oracle"
         run(prep, cfg, "lru")

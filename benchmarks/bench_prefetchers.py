@@ -1,0 +1,78 @@
+"""Speed of the prefetchers in timed mode against plain LRU in timed mode, same run.
+
+For each prefetcher: the whole ``run()`` wall time (building its request lists included: the
+MoE-Infinity matching pass, the stand-ins' predictions, the adaptive horizon) and the kernel's
+own time, as ratios to timed LRU without prefetching. The issue's target: MoE-Infinity and the
+learned predictor within 3x of plain timed LRU.
+
+    python benchmarks/bench_prefetchers.py [TRACE] [--fraction 0.1] [--learned MODEL.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import REPO, default_trace
+
+from simulator.config import SimConfig
+from simulator.engine import prepare, run
+from traces.io import read_trace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("trace", nargs="?", help="trace (default: the DeepSeek training set)")
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--learned", help="model file from `moesim train` (adds learned rows)")
+    ap.add_argument("--prefetchers", nargs="+", default=[
+        "oracle", "prev-token", "cross-layer", "moe-infinity", "moe-infinity:capacity=100",
+        "adaptive"])  # fmt: skip
+    args = ap.parse_args()
+    path = args.trace or default_trace()
+
+    t0 = time.perf_counter()
+    trace = read_trace(path, load_text=bool(args.learned))  # the learned model reads text
+    prep = prepare(trace)
+    print(f"trace {path}: {prep.acc.num_accesses:,} accesses, read + prepare "
+          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    pfs = list(args.prefetchers)
+    if args.learned:
+        pfs += [f"learned:model={args.learned}", f"adaptive:base=learned,model={args.learned}"]
+
+    def once(pf: str) -> tuple[float, float, dict]:
+        cfg = SimConfig()
+        cfg.cache.fraction = args.fraction
+        cfg.replay.mode = "timed"
+        cfg.replay.prefetch = pf
+        cfg.validate()
+        prep.cache.clear()  # each prefetcher builds its lists from scratch
+        t = time.perf_counter()
+        rec = run(prep, cfg, "lru")
+        return time.perf_counter() - t, rec["kernel_s"], rec
+
+    # compile or load every prefetcher's kernels first, on the bundled sample
+    sample = prepare(read_trace(REPO / "traces" / "sample" / "sample.parquet", load_text=False))
+    for pf in ["none", *pfs]:
+        cfg = SimConfig()
+        cfg.replay.mode = "timed"
+        cfg.replay.prefetch = pf
+        if pf.startswith(("learned", "adaptive:base=learned")):
+            continue  # needs the model's shape; loaded in the timed run
+        run(sample, cfg.validate(), "lru")
+    once("none")
+    base_wall, base_kernel, base = once("none")
+    print(f"{'prefetcher':34s} {'run() s':>8s} {'x LRU':>6s} {'kernel s':>8s} {'x LRU':>6s} "
+          f"{'hit rate':>8s} {'stall s':>8s}")  # fmt: skip
+    print(f"{'none (plain LRU)':34s} {base_wall:8.2f} {1.0:6.2f} {base_kernel:8.2f} {1.0:6.2f} "
+          f"{base['hit_rate']:8.4f} {base['stall_s']:8.1f}")  # fmt: skip
+    for pf in pfs:
+        wall, kern, rec = once(pf)
+        print(
+            f"{pf[:34]:34s} {wall:8.2f} {wall / base_wall:6.2f} {kern:8.2f} "
+            f"{kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

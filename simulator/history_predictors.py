@@ -1,0 +1,210 @@
+"""Statistical stand-ins for gate lookahead: predictions made from the trace's own past.
+
+Speculative prefetchers (mixtral-offloading, Pre-gated MoE, HOBBIT) apply layer l+h's gate to
+layer l's hidden state; that needs the model, so the guess is recorded at capture time (the
+trace's ``pred_h{H}`` columns). For traces without such columns two stand-ins that need only
+expert ids:
+
+- ``prev-token``: a token's experts at layer l are guessed to be those its sequence's previous
+  token used at layer l (the latest row of the same sequence and layer in an earlier step).
+- ``cross-layer``: a token's experts at layer l+h are guessed from its own experts at layer l
+  through transition counts ``T[l, e, e']`` (how often a token routed to ``e`` at layer l was
+  routed to ``e'`` at layer l+h). The counts are learned online from the replayed trace's past
+  (never its future), optionally warmed from a training trace.
+
+Both return predictions in the trace's ``preds`` form (``offsets int64[R+1], ids int16``, per row,
+predicting that row's experts ``h`` layers earlier) so the prefetch machinery treats them like
+recorded columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from traces.errors import ConfigError
+from traces.trace import Trace
+
+
+def default_top_n(trace: Trace) -> int:
+    """Experts a stand-in names per row: the model's top-k, else the trace's mean row length."""
+    if trace.meta.top_k:
+        return int(trace.meta.top_k)
+    lens = np.diff(trace.offsets)
+    return max(1, round(float(lens.mean()))) if lens.size else 1
+
+
+def dense_seq(trace: Trace) -> tuple[np.ndarray, int]:
+    """Sequence ids renumbered 0..n-1 (int64[R]) and n."""
+    uniq, inv = np.unique(trace.seq, return_inverse=True)
+    return inv.astype(np.int64), int(uniq.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# previous token
+
+
+def prev_token(trace: Trace, acc) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the experts of the same sequence's latest row at the same layer in an earlier
+    step (empty for a sequence's first step)."""
+    seqd, n_seq = dense_seq(trace)
+    return _prev_token(acc.row_group, seqd, trace.layer.astype(np.int64), trace.offsets,
+                       trace.experts, n_seq, trace.meta.num_layers)  # fmt: skip
+
+
+@njit(cache=True)
+def _prev_token(row_group, seqd, layer, offsets, experts, n_seq, n_layers):
+    n = row_group.shape[0]
+    last = np.full((n_seq, n_layers), -1, np.int64)
+    out_off = np.zeros(n + 1, np.int64)
+    out = np.empty(experts.shape[0], np.int16)
+    k = 0
+    r0 = 0
+    while r0 < n:
+        r1 = r0
+        while r1 < n and row_group[r1] == row_group[r0]:
+            r1 += 1
+        for r in range(r0, r1):  # predictions use earlier steps only
+            src = last[seqd[r], layer[r]]
+            if src >= 0:
+                for j in range(offsets[src], offsets[src + 1]):
+                    if k >= out.shape[0]:
+                        grown = np.empty(out.shape[0] * 2 + 16, np.int16)
+                        grown[:k] = out[:k]
+                        out = grown
+                    out[k] = experts[j]
+                    k += 1
+            out_off[r + 1] = k
+        for r in range(r0, r1):  # then this step's rows become the latest (last position wins)
+            last[seqd[r], layer[r]] = r
+        r0 = r1
+    return out_off, out[:k].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-layer transitions
+
+
+def source_rows(trace: Trace, horizon: int) -> np.ndarray:
+    """int64[R]: for each row, the same token's row ``horizon`` layers earlier (-1: none)."""
+    n = trace.num_rows
+    order = np.lexsort((trace.layer, trace.pos, trace.seq, trace.step))
+    src = np.full(n, -1, np.int64)
+    if horizon >= n:
+        return src
+    a = order[horizon:]
+    b = order[:-horizon]
+    same = (
+        (trace.step[a] == trace.step[b])
+        & (trace.seq[a] == trace.seq[b])
+        & (trace.pos[a] == trace.pos[b])
+        & (trace.layer[a].astype(np.int64) == trace.layer[b].astype(np.int64) + horizon)
+    )
+    src[a[same]] = b[same]
+    return src
+
+
+def transition_counts(trace: Trace, horizon: int) -> np.ndarray:
+    """float64[L, E, E]: tokens routed to e at layer l and to e' at layer l + horizon."""
+    e_max = int(max(trace.meta.experts_per_layer))
+    t = np.zeros((trace.meta.num_layers, e_max, e_max), np.float64)
+    src = source_rows(trace, horizon)
+    _count_pairs(src, trace.layer.astype(np.int64), trace.offsets, trace.experts, horizon, t)
+    return t
+
+
+@njit(cache=True)
+def _count_pairs(src, layer, offsets, experts, horizon, t):
+    for r in range(src.shape[0]):
+        s = src[r]
+        if s < 0:
+            continue
+        lay = layer[r] - horizon
+        for i in range(offsets[s], offsets[s + 1]):
+            for j in range(offsets[r], offsets[r + 1]):
+                t[lay, experts[i], experts[j]] += 1.0
+
+
+def cross_layer(
+    trace: Trace, acc, horizon: int, top_n: int, warm: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the ``top_n`` experts with the highest transition counts from the same token's
+    experts ``horizon`` layers earlier. Counts seen by a prediction are those of groups up to
+    and including the one where it is made (the source row's), plus ``warm`` (from
+    :func:`transition_counts` of a training trace)."""
+    e_max = int(max(trace.meta.experts_per_layer))
+    shape = (trace.meta.num_layers, e_max, e_max)
+    if warm is None:
+        t = np.zeros(shape, np.float64)
+    else:
+        if warm.shape != shape:
+            raise ConfigError(
+                f"cross-layer train trace: expected a model of {shape[0]} layers and {e_max} "
+                f"experts, got {warm.shape[0]} layers and {warm.shape[1]}"
+            )
+        t = warm.astype(np.float64, copy=True)
+    src = source_rows(trace, horizon)
+    # the inverse map: the row each row predicts (its token's row `horizon` layers later)
+    tgt = np.full(trace.num_rows, -1, np.int64)
+    has = src >= 0
+    tgt[src[has]] = np.nonzero(has)[0]
+    epl = np.asarray(trace.meta.experts_per_layer, np.int64)
+    return _cross_layer(acc.row_group, src, tgt, trace.layer.astype(np.int64), trace.offsets,
+                        trace.experts, horizon, top_n, epl, t)  # fmt: skip
+
+
+@njit(cache=True)
+def _cross_layer(row_group, src, tgt, layer, offsets, experts, horizon, top_n, epl, t):
+    n = row_group.shape[0]
+    e_max = t.shape[1]
+    pred_len = np.zeros(n, np.int64)
+    pred = np.zeros((n, top_n), np.int16)
+    score = np.zeros(e_max, np.float64)
+    r0 = 0
+    while r0 < n:
+        r1 = r0
+        while r1 < n and row_group[r1] == row_group[r0]:
+            r1 += 1
+        # this group's gate: its rows' experts are known; learn the pairs they complete
+        for r in range(r0, r1):
+            s = src[r]
+            if s >= 0:
+                lay = layer[r] - horizon
+                for i in range(offsets[s], offsets[s + 1]):
+                    for j in range(offsets[r], offsets[r + 1]):
+                        t[lay, experts[i], experts[j]] += 1.0
+        # then predict the rows `horizon` layers later of this group's tokens
+        for r in range(r0, r1):
+            d = tgt[r]
+            if d < 0:
+                continue
+            lay = layer[r]
+            n_e = epl[layer[d]]
+            for e in range(n_e):
+                score[e] = 0.0
+            for i in range(offsets[r], offsets[r + 1]):
+                for e in range(n_e):
+                    score[e] += t[lay, experts[i], e]
+            m = 0
+            for _ in range(top_n):  # the best remaining expert (lowest id on ties)
+                best = -1
+                bv = 0.0
+                for e in range(n_e):
+                    if score[e] > bv:
+                        bv = score[e]
+                        best = e
+                if best < 0:
+                    break
+                pred[d, m] = best
+                score[best] = -1.0
+                m += 1
+            pred_len[d] = m
+        r0 = r1
+    off = np.zeros(n + 1, np.int64)
+    for r in range(n):
+        off[r + 1] = off[r] + pred_len[r]
+    ids = np.empty(off[n], np.int16)
+    for r in range(n):
+        for j in range(pred_len[r]):
+            ids[off[r] + j] = pred[r, j]
+    return off, ids
