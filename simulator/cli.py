@@ -17,12 +17,17 @@ from traces.errors import MoesimError
 COMMANDS = [
     "simulator.cmd_demo",
     "simulator.cmd_replay",
+    "simulator.cmd_sweep",
+    "simulator.cmd_curve",
+    "simulator.cmd_plot",
     "simulator.cmd_export",
     "simulator.cmd_train",
     "simulator.cmd_predict",
     "traces.cmd_import",
     "traces.cmd_synth",
     "traces.cmd_stats",
+    "traces.cmd_capture",
+    "simulator.cmd_calibrate",
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from traces.errors import ConfigError
+from traces.presets import DTYPE_BYTES
 
 
 def _f(default, help: str, **kw):
@@ -35,6 +36,13 @@ class CacheConfig:
     scope: str = _f("global", "'global' (one pool, MoE-Infinity) or 'per-layer' partitions "
                     "(mixtral-offloading)", choices=("global", "per-layer"))  # fmt: skip
     pinned: list[str] = _f([], "experts kept resident for good, as 'LAYER:EXPERT' strings")
+    fractions: list[float] = _f([0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                                "sweep: cache sizes as fractions of all routed experts "
+                                "(one of fractions, slots_list, slots_range; all empty = the "
+                                "single size above)")  # fmt: skip
+    slots_list: list[int] = _f([], "sweep: cache sizes in experts")
+    slots_range: list[int] = _f([], "sweep: cache sizes in experts as [start, stop, step], "
+                                "stop excluded (Python's range)")  # fmt: skip
 
 
 @dataclass
@@ -71,11 +79,62 @@ class ReplayConfig:
     access: str = _f("atomic", "'atomic' (a layer's experts are protected together, as runtimes "
                      "do) or 'sequential' (each access alone, as classic cache simulators)",
                      choices=("atomic", "sequential"))  # fmt: skip
-    prefetch: str = _f("none", "prefetcher: 'none', 'oracle' (knows the trace's future) or "
-                       "'trace' (the trace's pred_h{H} columns)",
-                       choices=("none", "oracle", "trace"))  # fmt: skip
+    prefetch: str = _f("none", "prefetcher: 'none', 'oracle' (knows the trace's future), "
+                       "'trace' (the trace's pred_h{H} columns), 'prev-token', 'cross-layer', "
+                       "'moe-infinity', 'learned:model=PATH' or 'adaptive' (NAME:key=value "
+                       "sets parameters; docs/policies.md)")  # fmt: skip
     horizon: int = _f(1, "prefetch horizon in layers (groups) ahead")
     events: int = _f(0, "keep up to this many timeline events (0 = none)")
+
+
+@dataclass
+class TracesConfig:
+    """The traces a sweep replays."""
+
+    paths: list[str] = _f(["traces/sample/sample.parquet"], "trace files or folders, or glob "
+                          "patterns; relative ones are looked up in the working directory, "
+                          "then beside the configuration file")  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    """Overrides of the traces' model shape (unset: as recorded in each trace)."""
+
+    dtype: str | None = _f(None, "weight dtype of the routed experts (float32, bfloat16, "
+                           "float16, float8, int8, mxfp4, int4): expert bytes are rescaled "
+                           "from the trace's dtype, the parameter count stays")  # fmt: skip
+    expert_bytes: int | None = _f(None, "bytes of one routed expert, every layer")
+
+
+@dataclass
+class SweepConfig:
+    """The grid `moesim sweep` runs: every combination of these lists, with replay.policies
+    and the cache sizes. An empty list means the single value of the other sections."""
+
+    prefetchers: list[str] = _f(["none", "oracle", "moe-infinity",
+                                 "learned:model=traces/sample/sample-predictor.npz"],
+                                "prefetchers (as replay.prefetch)")  # fmt: skip
+    horizons: list[int] = _f([1], "prefetch horizons in layers (not crossed with 'none')")
+    modes: list[str] = _f([], "'count' and/or 'timed' (empty: replay.mode)")
+    accesses: list[str] = _f([], "'atomic' and/or 'sequential' (empty: replay.access)")
+    scopes: list[str] = _f([], "'global' and/or 'per-layer' (empty: cache.scope)")
+    bandwidths_gbps: list[float] = _f([], "link bandwidths, GB/s, timed mode only (empty: "
+                                      "link.bandwidth_gbps)")  # fmt: skip
+    free_prefetch: bool = _f(False, "count mode: run prefetchers as free prefetch (as "
+                             "`moesim replay --free-prefetch`); false: count mode has no "
+                             "prefetch rows")  # fmt: skip
+    one_pass: bool = _f(True, "count-mode LRU: every cache size from one stack-distance pass "
+                        "(same results as replays)")  # fmt: skip
+    workers: int = _f(0, "local worker processes (0 = all cores)")
+    cluster: str = _f("", "Dask scheduler address (e.g. 'tcp://host:8786') to run on instead "
+                      "of local processes; needs the 'cluster' extra")  # fmt: skip
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    folder: str = _f("results/sweep", "folder for results.parquet, config.toml and parts/")
 
 
 @dataclass
@@ -86,6 +145,10 @@ class SimConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> SimConfig:
         c = self.cache
@@ -130,6 +193,9 @@ class SimConfig:
 
         for p in r.policies:
             parse_policy(p)
+        from simulator.prefetchers import parse_prefetch
+
+        parse_prefetch(r.prefetch)
         for sec in (c, ln, cp, r):
             for f in dataclasses.fields(sec):
                 choices = f.metadata.get("choices")
@@ -138,11 +204,60 @@ class SimConfig:
                         f"{_section_name(sec)}.{f.name}: expected one of "
                         f"{', '.join(choices)}, got {getattr(sec, f.name)!r}"
                     )
+        self._validate_sweep()
         return self
+
+    def _validate_sweep(self) -> None:
+        """The sections `moesim sweep` reads: cache size lists, traces, model, sweep, output."""
+        c = self.cache
+        lists = [k for k in ("fractions", "slots_list", "slots_range") if getattr(c, k)]
+        if len(lists) > 1:
+            raise ConfigError(f"cache: set at most one of 'fractions', 'slots_list', "
+                              f"'slots_range' (got {', '.join(lists)})")  # fmt: skip
+        for f in c.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"cache.fractions: expected fractions in (0, 1], got {f}")
+        for n in c.slots_list:
+            if n < 1:
+                raise ConfigError(f"cache.slots_list: expected at least 1 slot, got {n}")
+        if c.slots_range:
+            rg = c.slots_range
+            if len(rg) != 3 or rg[0] < 1 or rg[2] < 1 or rg[1] <= rg[0]:
+                raise ConfigError(f"cache.slots_range: expected [start, stop, step] with "
+                                  f"1 <= start < stop and step >= 1, got {rg}")  # fmt: skip
+        if not self.traces.paths:
+            raise ConfigError("traces.paths: expected at least one trace path or pattern")
+        m = self.model
+        if m.dtype is not None and m.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"model.dtype: expected one of {', '.join(DTYPE_BYTES)}, "
+                              f"got {m.dtype!r}")  # fmt: skip
+        if m.expert_bytes is not None and m.expert_bytes < 1:
+            raise ConfigError(f"model.expert_bytes: expected >= 1 byte, got {m.expert_bytes}")
+        if m.dtype is not None and m.expert_bytes is not None:
+            raise ConfigError("model: set 'dtype' or 'expert_bytes', not both")
+        sw = self.sweep
+        choices = {"modes": ("count", "timed"), "accesses": ("atomic", "sequential"),
+                   "scopes": ("global", "per-layer")}  # fmt: skip
+        for key, allowed in choices.items():
+            for v in getattr(sw, key):
+                if v not in allowed:
+                    raise ConfigError(f"sweep.{key}: expected values among "
+                                      f"{', '.join(allowed)}, got {v!r}")  # fmt: skip
+        for h in sw.horizons:
+            if h < 1:
+                raise ConfigError(f"sweep.horizons: expected horizons >= 1 layer, got {h}")
+        for bw in sw.bandwidths_gbps:
+            if not bw > 0:
+                raise ConfigError(f"sweep.bandwidths_gbps: expected > 0 GB/s, got {bw}")
+        if sw.workers < 0:
+            raise ConfigError(f"sweep.workers: expected >= 0 (0 = all cores), got {sw.workers}")
+        if not self.output.folder:
+            raise ConfigError("output.folder: expected a folder name")
 
 
 _SECTIONS = {"cache": CacheConfig, "link": LinkConfig, "compute": ComputeConfig,
-             "replay": ReplayConfig}  # fmt: skip
+             "replay": ReplayConfig, "traces": TracesConfig, "model": ModelConfig,
+             "sweep": SweepConfig, "output": OutputConfig}  # fmt: skip
 
 
 def _section_name(obj) -> str:
@@ -170,8 +285,14 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if typing.get_origin(opt) is list and isinstance(value, list):
             (inner,) = typing.get_args(opt)
             return [_check_type(key, v, inner) for v in value]
-    names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+    names = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is list:
+        return "list of " + _type_name(typing.get_args(t)[0])
+    return getattr(t, "__name__", str(t)).replace("NoneType", "null")
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> SimConfig:
@@ -179,8 +300,6 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> SimConfig:
     cfg = SimConfig()
     for section, values in raw.items():
         if section not in _SECTIONS:
-            if section in ("sweep", "traces", "output", "model"):
-                continue  # read by `moesim sweep`
             raise ConfigError(f"{where}: unknown section [{section}] "
                               f"(expected {', '.join(_SECTIONS)})")  # fmt: skip
         if not isinstance(values, dict):
@@ -193,7 +312,23 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> SimConfig:
                     f"{where}: unknown key '{section}.{key}' (keys: {', '.join(fields)})"
                 )
             setattr(obj, key, _check_type(f"{where}: {section}.{key}", value, fields[key].type))
+        for key in values:
+            _clear_alternatives(obj, section, key, keep=values)
     return cfg
+
+
+#: Keys of which one is set at a time: setting one (in a file or with --set) unsets the others
+#: unless the same table sets them too (then validate() reports the conflict).
+_ALTERNATIVES = {"cache": (("slots", "fraction", "bytes"),
+                           ("fractions", "slots_list", "slots_range"))}  # fmt: skip
+
+
+def _clear_alternatives(obj, section: str, key: str, keep) -> None:
+    for group in _ALTERNATIVES.get(section, ()):
+        if key in group:
+            for other in group:
+                if other != key and other not in keep:
+                    setattr(obj, other, [] if isinstance(getattr(obj, other), list) else None)
 
 
 def load_config(path: str | Path | None) -> SimConfig:
@@ -223,9 +358,43 @@ def apply_overrides(cfg: SimConfig, items: list[str]) -> SimConfig:
         section, _, name = key.strip().partition(".")
         merged = config_from_dict({section: {name: value}}, "--set")
         setattr(getattr(cfg, section), name, getattr(getattr(merged, section), name))
+        _clear_alternatives(getattr(cfg, section), section, name, keep=(name,))
     return cfg
 
 
 def config_to_dict(cfg: SimConfig) -> dict[str, Any]:
     """Plain dict (for saving next to results)."""
     return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg: SimConfig) -> str:
+    """The configuration as TOML that :func:`load_config` reads back to an equal object
+    (unset values, null, are left out: absent keys read back as unset)."""
+    lines = ["# moesim configuration (resolved); moesim sweep and moesim replay read it back."]
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    import json
+    import math
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string (JSON escapes are TOML escapes)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {v!r}")

@@ -147,7 +147,12 @@ def draw_curves(data: pd.DataFrame, kind: str, title: str = ""):
     m = FIGURES[kind]
     panels = list(dict.fromkeys(data["panel"]))
     rows, cols = _grid(len(panels))
-    fig, axes = new_figure(4.4 * cols + 1.8, 3.3 * rows + 0.5, rows, cols, sharex=True, sharey=True)
+    # room for the legend: about 0.19 in per entry beside the panels, wider for long labels
+    n_series = data["series"].nunique()
+    longest = max((len(legend_label(x)) for x in data["series"].unique()), default=10)
+    height = max(3.3 * rows + 0.5, 0.19 * n_series + 0.9)
+    width = 4.4 * cols + max(1.8, 0.065 * longest + 0.6)
+    fig, axes = new_figure(width, height, rows, cols, sharex=True, sharey=True)
     handles = {}
     for i, panel in enumerate(panels):
         ax = axes[i // cols, i % cols]
@@ -188,7 +193,8 @@ def draw_curves(data: pd.DataFrame, kind: str, title: str = ""):
         title="policy + prefetcher",
         title_fontsize=8,
     )
-    fig.suptitle(f"{title}: {m.title}" if title else m.title)
+    # left-aligned: the legend sits beside the panels, top right, where a centred title would be
+    fig.suptitle(f"{title}: {m.title}" if title else m.title, x=0.01, ha="left")
     return fig
 
 

@@ -5,9 +5,10 @@ A *series* is what one line shows: a policy, plus its prefetcher where that is n
 pair ("lru + oracle h=2"). :func:`series_style` maps a series label to its look as a pure
 function of the label, so the same series has the same colour in every figure whatever other
 series share it: the policy picks the hue (a fixed palette for the known policies, a CRC-32 of
-the name for others), the prefetcher picks the marker and a lighter or darker shade. Belady and
-oracle-prefetch series are *bounds* (they know the future): black or darkened, dashed or dotted,
-labelled "(bound)".
+the name for others), the prefetcher picks the marker and a lighter or darker shade. Series that
+know the future (Belady, oracle prefetch) are drawn black or darkened, dashed or dotted; only
+Belady alone and Belady with the oracle prefetcher are *bounds* and labelled "(bound)" (LRU with
+the oracle prefetcher is not a bound: a real prefetcher with a better eviction can beat it).
 """
 
 from __future__ import annotations
@@ -131,9 +132,16 @@ def _shade(colour: str, amount: float) -> str:
     return to_hex(tuple(c + (target - c) * a for c in rgb))
 
 
-def is_bound(label: str) -> bool:
+def knows_future(label: str) -> bool:
+    """Belady or an oracle prefetcher: drawn in the bounds' style."""
     policy, prefetch, _ = parse_label(label)
     return _base(policy) == "belady" or _base(prefetch) in ORACLE_PREFETCH
+
+
+def is_bound(label: str) -> bool:
+    """Belady alone (fewest misses of demand caching) or with the oracle prefetcher."""
+    policy, prefetch, _ = parse_label(label)
+    return _base(policy) == "belady" and _base(prefetch) in ("none", *ORACLE_PREFETCH)
 
 
 def series_style(label: str) -> SeriesStyle:
@@ -155,14 +163,18 @@ def series_style(label: str) -> SeriesStyle:
         if pf == "none":
             return SeriesStyle("#000000", "--", "x", True)
         grey = _shade("#4d4d4d", 0.15 * (min(horizon, 5) - 1)) if horizon else "#4d4d4d"
-        return SeriesStyle(grey, "-.", marker, True)
-    if is_bound(label):
-        return SeriesStyle(_shade(colour, shade), ":", marker, True)
+        return SeriesStyle(grey, "-.", marker, is_bound(label))
+    if knows_future(label):
+        return SeriesStyle(_shade(colour, shade), ":", marker, False)
     return SeriesStyle(_shade(colour, shade) if shade else colour, "-", marker, False)
 
 
 def legend_label(label: str) -> str:
-    return label + (BOUND if is_bound(label) else "")
+    """The legend's text: the label, file paths in parameters cut to their names, "(bound)"."""
+    import re
+
+    short = re.sub(r"=([^,=\s]*/)+", "=", label)  # model=/a/b/m.npz -> model=m.npz
+    return short + (BOUND if is_bound(label) else "")
 
 
 def series_order(label: str) -> tuple:
