@@ -18,11 +18,18 @@ POLICIES: dict[str, PolicySpec] = {m.SPEC.name: m.SPEC for m in _MODULES}
 assert len({s.pid for s in POLICIES.values()}) == len(POLICIES), "duplicate policy ids"
 
 
+#: Other names of registered policies: a system's rule that one of ours already implements.
+#: MoE-Infinity's open-source runtime evicts the resident with the fewest uses since it was
+#: loaded: in-cache LFU. Results keep the name the user gave.
+ALIASES: dict[str, str] = {"moe-infinity-lfu": "lfu"}
+
+
 def get_policy(name: str) -> PolicySpec:
-    """The policy called ``name``; ConfigError listing the known names otherwise."""
-    spec = POLICIES.get(name.lower())
+    """The policy called ``name`` (or an alias); ConfigError listing the known names otherwise."""
+    spec = POLICIES.get(ALIASES.get(name.lower(), name.lower()))
     if spec is None:
-        raise ConfigError(f"unknown policy '{name}': expected one of {', '.join(POLICIES)}")
+        known = ", ".join([*POLICIES, *ALIASES])
+        raise ConfigError(f"unknown policy '{name}': expected one of {known}")
     return spec
 
 

@@ -84,8 +84,18 @@ def test_specs_are_consistent():
     assert len(set(ids)) == len(ids)
     for name, spec in POLICIES.items():
         assert spec.name == name and spec.summary
-    with pytest.raises(ConfigError, match="unknown policy 'nope'"):
+    with pytest.raises(ConfigError, match="unknown policy 'nope'.*moe-infinity-lfu"):
         parse_policy("nope")
+
+
+def test_alias_moe_infinity_lfu_is_lfu_and_keeps_its_name(prep):
+    """MoE-Infinity's runtime eviction (fewest uses since load) is in-cache LFU."""
+    cfg = SimConfig()
+    cfg.replay.mode = "count"
+    a, b = run(prep, cfg, "moe-infinity-lfu"), run(prep, cfg, "lfu")
+    assert a["policy"] == "moe-infinity-lfu" and b["policy"] == "lfu"
+    for key in ("hits", "misses", "evictions", "hit_rate_per_layer"):
+        assert a[key] == b[key]
 
 
 def test_aged_lfu_forgets_old_popularity():
