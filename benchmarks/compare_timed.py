@@ -46,6 +46,8 @@ def combos(train: str, model: str | None) -> list[tuple[str, str, str]]:
         ("LRU + cross-layer", "lru", f"cross-layer:train={train}"),
         ("LRU + MoE-Infinity", "lru", f"moe-infinity:warm={train}"),
         ("LFU + MoE-Infinity (its runtime)", "lfu", f"moe-infinity:warm={train}"),
+        ("MoE-Infinity eviction (no prefetch)**", "moe-infinity", "none"),
+        ("MoE-Infinity eviction + prefetch (paper)", "moe-infinity", f"moe-infinity:warm={train}"),
         ("LRU + MoE-Beyond predictions*", "lru", "trace"),
     ]
     if model:
@@ -133,7 +135,8 @@ def main() -> None:
             "\n\\* replayed on MoE-Beyond's `webglm-test-predicted` files: the same 100 prompts "
             "recorded again with its predictions; their expert lists match `webglm-test` on "
             "only about 10% of (prompt, token, layer) rows, so this row is not strictly "
-            "comparable with the others"
+            "comparable with the others. \\*\\* its collection fills only with the test "
+            "prompts as they finish (warm= is a prefetcher setting)"
         )
     if out:
         out.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
+from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, moe_infinity, no_cache, static
 from policies.spec import STRUCT_BUCKETS, STRUCT_HEAP, STRUCT_LIST
 from policies.state import (
     H_OBJ,
@@ -68,6 +68,8 @@ def on_access(oi, of, ip, fp, o, is_insert):
         static.on_access(oi, of, ip, fp, o, is_insert)
     elif pid == no_cache.PID:
         no_cache.on_access(oi, of, ip, fp, o, is_insert)
+    elif pid == moe_infinity.PID:
+        moe_infinity.on_access(oi, of, ip, fp, o, is_insert)
 
 
 @njit(inline="always", **HOT)
@@ -191,6 +193,11 @@ def victim(status, oi, of, links, heap, nodes, parts, stash, ip, p, pin_lo, pin_
            need_limit, arrive, now):  # fmt: skip
     """The policy's first evictable object in partition ``p``, or -1 if none qualifies."""
     s = ip[IP_STRUCT]
+    if ip[IP_POLICY] == moe_infinity.PID and pin_lo > 1:
+        # the lowest priority at the current group (4g + 1 or 4g + 2 = pin_lo); ties: LRU first
+        return moe_infinity.victim_scan(status, oi, of, links, nodes, parts, ip, p,
+                                        (pin_lo - 1) >> 2, pin_lo, pin_hi, need_by, need_limit,
+                                        arrive, now, evictable)  # fmt: skip
     if s == STRUCT_LIST:
         sentinel = links.shape[0] - parts.shape[0] + p
         c = links[sentinel, L_PREV]

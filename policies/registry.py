@@ -7,11 +7,11 @@ Adding a policy: write ``policies/NAME.py`` with ``PID``, ``SPEC`` and a jitted
 
 from __future__ import annotations
 
-from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, no_cache, static
+from policies import belady, fifo, lfu, lfu_aged, lfu_perfect, lru, moe_infinity, no_cache, static
 from policies.spec import PolicySpec
 from traces.errors import ConfigError
 
-_MODULES = (lru, fifo, lfu, lfu_perfect, lfu_aged, belady, static, no_cache)
+_MODULES = (lru, fifo, lfu, lfu_perfect, lfu_aged, belady, static, no_cache, moe_infinity)
 
 POLICIES: dict[str, PolicySpec] = {m.SPEC.name: m.SPEC for m in _MODULES}
 

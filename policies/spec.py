@@ -37,6 +37,8 @@ class PolicySpec:
             whose counts outlive residency), with ``is_insert`` True.
         prepare: optional Python hook ``prepare(state, context) -> initial residents (int array)``
             run once before replay (profiles, preloads); ``context`` is a :class:`PrepareContext`.
+        attach: optional Python hook ``attach(state, context) -> state`` run before ``prepare``:
+            returns the state with policy data attached (wider ``of``, own ``nodes`` rows).
     """
 
     name: str
@@ -48,3 +50,4 @@ class PolicySpec:
     move_on_hit: bool = False
     counts_misses: bool = False
     prepare: Callable | None = field(default=None, compare=False)
+    attach: Callable | None = field(default=None, compare=False)

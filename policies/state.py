@@ -31,7 +31,8 @@ OI_PIN = 3  # protection stamp relative to the current group (see simulator/kern
 OI_K2 = 4  # heap key, second part (tie-break)
 OI_NEXT = 5  # index of the object's next access (maintained by the kernels)
 OI_HPOS = 6  # position in its partition's heap, -1 when not in a heap
-N_OI = 7
+OI_LAYER = 7  # the object's MoE layer
+N_OI = 8
 
 # of: per-object floats
 OF_K1 = 0  # heap key, first part: the victim is the smallest (k1, k2)
@@ -68,6 +69,7 @@ IP_MOVE_ON_HIT = 5  # list policies: 1 if a hit moves the object to the recent e
 IP_COUNTS_MISSES = 6  # 1 if the hook also sees uses of objects that are not cached
 IP_FUTURE = 7  # 1 if the policy reads OI_NEXT (the kernels then keep it up to date)
 IP_BFREE = 8  # first free bucket node (-1: none)
+IP_NLAYERS = 9  # MoE layers of the model
 
 # heap: float64[O, 3] rows of per-partition indexed min-heaps, keys stored inline for locality
 H_K1 = 0  # copy of the object's OF_K1
@@ -89,6 +91,9 @@ class CacheState(NamedTuple):
     heap (float64[O, 3]): per-partition indexed min-heaps of rows (k1, k2, object); partition
         p uses rows ``parts[p, P_HBASE]:parts[p, P_HBASE] + parts[p, P_HLEN]``.
     nodes (int64[O+2+P, 5]): count buckets for bucket policies (see the N_* columns).
+    A policy whose ``attach`` hook needs more data replaces ``of`` (extra columns after the
+    OF_* ones) and, if it keeps no buckets, ``nodes`` (rows of its own); see
+    policies/moe_infinity.py. The kernels only pass these arrays on.
     parts (int64[P, N_P]): used, capacity and heap bounds of each partition.
     stash (int32[O]): scratch space for the ordered search of a heap.
     ip (int64[16]), fp (float64[8]): policy id, clocks and policy parameters.
@@ -141,6 +146,7 @@ def new_state(
     hbase: np.ndarray,
     fparams: tuple[float, ...] = (),
     nbytes: np.ndarray | None = None,
+    layer: np.ndarray | None = None,
 ) -> CacheState:
     """An empty cache. ``part``/``size``/``nbytes`` per object, ``cap``/``hbase`` per partition."""
     n_obj = int(part.shape[0])
@@ -156,6 +162,8 @@ def new_state(
     oi[:, OI_PIN] = -1
     oi[:, OI_NEXT] = np.iinfo(np.int64).max
     oi[:, OI_HPOS] = -1
+    if layer is not None:
+        oi[:, OI_LAYER] = layer
     parts = np.zeros((n_part, N_P), np.int64)
     parts[:, P_CAP] = cap
     parts[:, P_HBASE] = hbase
@@ -168,6 +176,8 @@ def new_state(
     ip[IP_POLICY] = policy_id
     ip[IP_STRUCT] = structure
     ip[IP_BFREE] = 0
+    if layer is not None and len(layer):
+        ip[IP_NLAYERS] = int(np.max(layer)) + 1
     fp = np.zeros(8, np.float64)
     fp[: len(fparams)] = fparams
     return CacheState(

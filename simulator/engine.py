@@ -144,9 +144,19 @@ def _split(total: int, n: int) -> np.ndarray:
 class PrepareContext:
     """What a policy's ``prepare`` hook may ask for."""
 
-    def __init__(self, prep: Prepared, profile: Prepared | None = None):
+    def __init__(self, prep: Prepared, profile: Prepared | None = None, cfg: SimConfig = None):
         self._prep = prep
         self._profile = profile
+        self._cfg = cfg
+
+    def group_layer(self) -> np.ndarray:
+        """int64[G]: the MoE layer of each step-layer group."""
+        return self._prep.acc.group_layer.astype(np.int64)
+
+    def moe_infinity_matches(self):
+        """MoE-Infinity's matches of this trace (simulator/moe_infinity.py), with the settings of
+        ``replay.prefetch`` when that is ``moe-infinity:...``, else its defaults; memoised."""
+        return prefetchers.matches(self._prep, self._cfg or SimConfig())
 
     def profile_counts(self) -> np.ndarray:
         """Accesses per expert in the profiling trace (default: the replayed trace)."""
@@ -198,7 +208,10 @@ def run(
     geo = geometry(prep, cfg, nocache)
     acc = prep.acc
     st = new_state(spec.pid, spec.structure, geo.part, geo.size, geo.cap, geo.hbase,
-                   _fparams(spec, values), nbytes=prep.obj_bytes)  # fmt: skip
+                   _fparams(spec, values), nbytes=prep.obj_bytes,
+                   layer=acc.obj_layer)  # fmt: skip
+    if spec.attach is not None:
+        st = spec.attach(st, PrepareContext(prep, profile, cfg))
     st.ip[IP_MOVE_ON_HIT] = int(spec.move_on_hit)
     st.ip[IP_COUNTS_MISSES] = int(spec.counts_misses)
     st.ip[IP_FUTURE] = int(spec.uses_future)
@@ -214,7 +227,7 @@ def run(
                 "cache.pinned: pinned experts leave less room than one token's top_k experts"
             )
     if spec.prepare is not None:
-        K.preload(*st, spec.prepare(st, PrepareContext(prep, profile)))
+        K.preload(*st, spec.prepare(st, PrepareContext(prep, profile, cfg)))
     n_layers = prep.meta.num_layers
     cnt = np.zeros(K.N_COUNTERS, np.int64)
     fl = np.zeros(K.N_FLOATS, np.float64)

@@ -12,11 +12,15 @@ NEVER = 2**63 - 1
 
 
 def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, next_use,
-                           params=None, profile=None, pinned=(), layer_of=None):  # fmt: skip
+                           params=None, profile=None, pinned=(), layer_of=None,
+                           priority=None):  # fmt: skip
     """Replay ``groups`` (list of lists of (access index, obj)) and return hits, misses, per-layer.
 
     part/size: per object; cap: per partition; next_use: per access index.
+    priority: for "moe-infinity", ``priority(group index, obj)`` (lowest evicted first, ties
+    least recently used first; forced evictions of a group's own experts go in LRU order).
     """
+    cur = 0
     params = params or {}
     used = [0] * len(cap)
     resident = {}  # obj -> dict of policy fields
@@ -51,6 +55,8 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
             return (-float(objnext[o]),)
         if policy == "static":
             return (freq[o], r["k2"])
+        if policy == "moe-infinity":
+            return (priority(cur, o), r["last"])
         raise ValueError(policy)
 
     if policy == "lfu-aged":
@@ -88,7 +94,7 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
                 room[part[o]] -= size[o]
                 admit(o)
 
-    for g in groups:
+    for cur, g in enumerate(groups):
         members = {o for _, o in g}
         done = set()
         for a, o in g:
@@ -118,10 +124,13 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
                         cands = sorted((x for x in resident if part[x] == p), key=order_key)
                         v = None
                         if atomic:
+                            forced = cands
+                            if policy == "moe-infinity":
+                                forced = sorted(cands, key=lambda x: resident[x]["last"])
                             passes = (
                                 [x for x in cands if x not in members],
                                 [x for x in cands if x in done],
-                                cands,
+                                forced,
                             )
                             v = next((ps[0] for ps in passes if ps), None)
                         else:

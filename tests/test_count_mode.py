@@ -12,7 +12,8 @@ from simulator.engine import geometry, prepare, run
 from tests.helpers import random_trace
 from tests.reference import exhaustive_min_misses, replay_count_reference
 
-ALL = ["lru", "fifo", "lfu", "lfu-perfect", "lfu-aged:half_life=7", "belady", "static", "none"]
+ALL = ["lru", "fifo", "lfu", "lfu-perfect", "lfu-aged:half_life=7", "belady", "static", "none",
+       "moe-infinity"]  # fmt: skip
 
 
 def _cfg(slots=None, nbytes=None, scope="global", access="atomic", pinned=()):
@@ -39,11 +40,36 @@ def _reference(prep, cfg, policy):
     pinned = [int(acc.layer_base[int(x.split(":")[0])]) + int(x.split(":")[1])
               for x in cfg.cache.pinned]  # fmt: skip
     profile = np.bincount(acc.obj, minlength=acc.num_objects).astype(float)
+    priority = _moe_infinity_priority(prep, cfg) if name == "moe-infinity" else None
     return replay_count_reference(
         groups, acc.num_objects, geo.part.tolist(), geo.size.tolist(), geo.cap.tolist(), name,
         cfg.replay.access == "atomic", next_use=prep.next_use.tolist(), params=params,
-        profile=profile, pinned=pinned, layer_of=acc.obj_layer.tolist(),
+        profile=profile, pinned=pinned, layer_of=acc.obj_layer.tolist(), priority=priority,
     )  # fmt: skip
+
+
+def _moe_infinity_priority(prep, cfg):
+    """policies/moe_infinity.py's rule, written out: the matched snapshots' counts (the matching
+    itself is checked against its own twin in tests/test_prefetchers.py) times the layer decay."""
+    from simulator.prefetchers import matches
+
+    m = matches(prep, cfg)
+    n_layers = prep.meta.num_layers
+    g_layer = prep.acc.group_layer
+    o_layer = prep.acc.obj_layer
+
+    def priority(g, o):
+        d = (int(o_layer[o]) - int(g_layer[g]) - 1) % n_layers + 1
+        decay = 1.0 - d / (n_layers + 1.0)
+        ids = m.ids[m.off[g] : m.off[g + 1]][:4]
+        if len(ids) == 0:
+            return 1e-8 * decay
+        p = 0.0
+        for s in ids:
+            p += (float(m.snap[s, o]) + 1e-8) * decay
+        return p
+
+    return priority
 
 
 CASES = [
@@ -224,3 +250,28 @@ def test_prefetches_dropped_by_a_reset_count_as_wasted():
     r = run(prep, cfg, "lru", free_prefetch=True, reset_groups=[False, False, True, False])
     assert r["prefetch_used"] + r["prefetch_wasted"] == r["prefetch_issued"]
     assert r["prefetch_wasted"] >= 2  # 2 and 3 were never used; 3 was dropped by the reset
+
+
+def test_moe_infinity_eviction_hand_worked():
+    """One sequence, 3 layers, one expert each (objects o0, o1, o2), 4 tokens, 2 slots, atomic.
+    The collection stays empty (no sequence finishes before the end), so only the layer decay
+    ranks: the resident whose layer comes round last is evicted. Step 0: three misses; at L2 the
+    victim is o1 (next use 2 layers away) rather than o0 (1 away): {o0, o2}. Step 1: o0 hit, o1
+    misses and evicts o0 (2 away) not o2 (1 away), o2 hits. Step 2: o0 misses (evicts o2), o1
+    hits, o2 misses (evicts o1). Step 3 as step 1. Hits 0 + 2 + 1 + 2 = 5, misses 7; LRU misses
+    all 12 (a loop one larger than the cache)."""
+    meta_steps = [[[0], [0], [0]]] * 4
+    from traces.format import TraceMeta
+    from traces.io import trace_from_arrays
+
+    meta = TraceMeta(model="hand", num_layers=3, experts_per_layer=2, top_k=1, expert_bytes=1000)
+    rows = [(s, lay) for s in range(len(meta_steps)) for lay in range(3)]
+    tr = trace_from_arrays(
+        meta, step=[r[0] for r in rows], seq=[0] * len(rows), pos=[r[0] for r in rows],
+        phase=[1] * len(rows), layer=[r[1] for r in rows],
+        offsets=np.arange(len(rows) + 1), experts=np.zeros(len(rows), np.int64),
+    )  # fmt: skip
+    prep = prepare(tr)
+    got = run(prep, _cfg(slots=2), "moe-infinity")
+    assert (got["hits"], got["misses"]) == (5, 7)
+    assert (run(prep, _cfg(slots=2), "lru")["hits"]) == 0
