@@ -1,19 +1,14 @@
-"""Prefetch request lists known before replay: the oracle's and the trace's predictions.
+"""Building blocks of prefetch request lists (the prefetchers themselves: simulator/prefetchers.py).
 
 A list is CSR by *issuing* group: at the gate of group ``i`` the kernel queues
 ``pf_obj[pf_off[i]:pf_off[i+1]]`` with target groups ``pf_tgt[...]`` (the group that should use
-them). Lists built here are fixed in advance; prefetchers that react to the replay run inside
-the kernels.
+them). Every prefetcher's list is built before the replay, from the trace and the configuration.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
-from simulator.accesses import Accesses
-from traces.errors import ConfigError
-from traces.trace import Trace
 
 
 @njit(cache=True)
@@ -87,31 +82,6 @@ def _by_issuer(issuer, t_off, t_obj, n_groups):
             tgt[fill[i]] = t
             fill[i] += 1
     return cnt, obj, tgt
-
-
-def target_lists(trace: Trace, acc: Accesses, kind: str, horizon: int):
-    """Per-target-group lists of experts to prefetch: (offsets int64[G+1], objects int32)."""
-    if kind == "oracle":
-        return acc.group_offsets, acc.obj
-    if kind == "trace":
-        if horizon not in trace.preds:
-            have = ", ".join(f"pred_h{h}" for h in sorted(trace.preds)) or "none"
-            raise ConfigError(
-                f"{trace.path}: prefetch 'trace' with horizon {horizon} needs column "
-                f"'pred_h{horizon}' (trace has: {have})"
-            )
-        offs, ids = trace.preds[horizon]
-        return _union_rows(acc.row_group, offs, ids, trace.layer, acc.layer_base,
-                           acc.num_groups, acc.num_objects)  # fmt: skip
-    raise ConfigError(f"replay.prefetch: unknown prefetcher '{kind}'")
-
-
-def issue_lists(trace: Trace, acc: Accesses, kind: str, horizon: int):
-    """Timed-mode prefetch lists by issuing group: (pf_off, pf_obj, pf_tgt)."""
-    t_off, t_obj = target_lists(trace, acc, kind, horizon)
-    # the oracle may look across steps; predictions are made within a forward pass
-    issuer = _issuer(acc.group_step, acc.group_layer, horizon, kind != "oracle")
-    return _by_issuer(issuer, np.asarray(t_off, np.int64), t_obj, acc.num_groups)
 
 
 def empty_lists(n_groups: int):

@@ -94,7 +94,8 @@ def replay_count_reference(groups, n_obj, part, size, cap, policy, atomic, *, ne
                 room[part[o]] -= size[o]
                 admit(o)
 
-    for cur, g in enumerate(groups):
+    for gi, g in enumerate(groups):
+        cur = gi  # the current group, read by order_key
         members = {o for _, o in g}
         done = set()
         for a, o in g:
