@@ -72,6 +72,22 @@ def main() -> None:
             f"{pf[:34]:34s} {wall:8.2f} {wall / base_wall:6.2f} {kern:8.2f} "
             f"{kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
         )
+    if args.learned:
+        # the learned predictor's guesses precomputed once (what `moesim predict` writes as the
+        # trace's pred_h1 column), then replayed with --prefetch trace
+        import dataclasses
+
+        from policies.learned import LearnedPredictor
+
+        t = time.perf_counter()
+        preds = LearnedPredictor.load(args.learned).predict(prep.trace, 1)
+        print(f"(learned predictions precomputed in {time.perf_counter() - t:.1f} s)")
+        prep.trace = dataclasses.replace(prep.trace, preds={1: preds})
+        wall, kern, rec = once("trace")
+        print(
+            f"{'trace (learned, precomputed)':34s} {wall:8.2f} {wall / base_wall:6.2f} "
+            f"{kern:8.2f} {kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
+        )
 
 
 if __name__ == "__main__":
