@@ -45,7 +45,8 @@ def moesim(*args) -> str:
     """Run ``moesim ARGS`` from this checkout; print and return its output (stop on failure)."""
     cmd = [sys.executable, "-m", "simulator.cli", *map(str, args)]
     print("$ moesim " + " ".join(map(str, args)), flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(r.stdout + r.stderr, flush=True)
     if r.returncode != 0:

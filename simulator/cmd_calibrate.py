@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     for section, values in profile.values.items():
         print(f"[{section}] " + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
+    if profile.dense is not None and profile.dense.uneven:
+        say(f"moesim calibrate: warning: {profile.dense.uneven}")
     return 0
 
 
