@@ -23,22 +23,29 @@ highest counts in ``M``, only counts > 0), so that a prefetch does not reserve h
 for layers far ahead (the simulator reserves a slot when a transfer is issued). Finished
 sequences join the collection at the end of the step in which they finish.
 
-Everything here depends only on the trace, so it runs once before the replay, in one numba pass:
-incremental dot products (one vector update over the collection per access) and one suffix pass
-per sequence and step give every layer's match in O(collection x layers) per step.
+Everything here depends only on the trace, so it runs once before the replay (and is memoised
+for every run on the same prepared trace), in numba: incremental dot products (one vector update
+over the collection per access) and one suffix pass per sequence and step give every layer's
+match in O(collection x layers) per step. Between two changes of the collection the entries are
+fixed, so that work is done in blocks of entries, each block through a whole segment of the
+trace while its part of the collection stays in cache, the blocks spread over the cores; the
+result is the same, number for number, as one pass in trace order (tests/test_prefetchers.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from simulator.history_predictors import dense_seq
 from traces.trace import Trace
 
 EPS = 1e-8
+SEG_RUNS = 4096  # runs per segment of the matching pass (see _match)
+PAR_MIN = 1 << 18  # work (accesses x entries) from which a segment's blocks run in parallel
 
 
 @dataclass
@@ -84,31 +91,30 @@ def build(
     top_n: int,
     capacity: int = 1000,
     warm: np.ndarray | None = None,
+    chunk: int = 0,
+    par_min: int = PAR_MIN,
+    seg_runs: int = SEG_RUNS,
 ):
     """Prefetch issue lists (by issuing group: ``off``, ``obj``, ``tgt``) and the matches.
 
     ``warm``: float32[n, L, E] matrices that fill the collection first (the last ``capacity``).
+    ``chunk`` (entries per block of the matching pass; 0: sized so a block of the collection
+    fits in a core's L2 cache), ``par_min`` (the work, accesses x entries, from which a
+    segment's blocks run on several cores) and ``seg_runs`` (runs per segment) change the
+    speed only, never the result.
     """
     seqd, n_seq = dense_seq(trace)
-    n_groups = acc.num_groups
-    grow_off = np.searchsorted(acc.row_group, np.arange(n_groups + 1)).astype(np.int64)
-    end_group = np.zeros(n_seq, np.int64)
-    np.maximum.at(end_group, seqd, acc.row_group)
-    start_group = np.full(n_seq, n_groups, np.int64)
-    np.minimum.at(start_group, seqd, acc.row_group)
-    # most sequences active at once: sweep of +1 at start, -1 after end
-    delta = np.zeros(n_groups + 1, np.int64)
-    np.add.at(delta, start_group, 1)
-    np.add.at(delta, end_group + 1, -1)
-    n_slots = max(1, int(np.cumsum(delta).max()))
     n_layers = trace.meta.num_layers
     e_max = int(max(trace.meta.experts_per_layer))
     if warm is None or warm.shape[0] == 0:
         warm = np.zeros((0, n_layers, e_max), np.float32)
     warm = np.ascontiguousarray(warm[-capacity:], np.float32)
-    res = _match(grow_off, acc.group_step, acc.group_layer.astype(np.int64), seqd,
-                 trace.offsets, trace.experts, end_group, n_seq, n_slots, n_layers, e_max,
-                 acc.layer_base, int(capacity), int(horizon), int(top_n), warm)  # fmt: skip
+    if chunk <= 0:  # ecol of a block (layers x experts x entries, float32) in about 1 MiB
+        chunk = max(16, (1 << 20) // (4 * n_layers * e_max) // 16 * 16)
+    res = _match(acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd,
+                 trace.offsets, trace.experts, n_seq, n_layers, e_max, acc.layer_base,
+                 int(capacity), int(horizon), int(top_n), warm, int(chunk), int(par_min),
+                 int(numba.get_num_threads()), max(1, int(seg_runs)))  # fmt: skip
     off, obj, tgt, m_off, m_ids, snap_eam, n_snap = res
     snap = snap_eam[:n_snap].reshape(n_snap, n_layers * e_max)
     # by object id: layer_base[l] + e (layers may have fewer experts than e_max)
@@ -118,14 +124,86 @@ def build(
 
 
 @njit(cache=True)
-def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, n_slots,
-           n_layers, e_max, layer_base, capacity, horizon, top_n, warm):  # fmt: skip
+def _plan(row_group, g_step, seqd, n_seq, n_groups):
+    """The trace's runs (maximal rows of one sequence inside a group), per sequence its first
+    and last group, and the most sequences active at once.
+
+    Returns ``grow_off`` (rows by group), ``run_lo`` (first row of each run, then the row
+    count), ``grun_off`` (runs by group), ``end_group``, ``n_slots`` and ``fin_step_end``
+    (True at the last group of each step in which a sequence has its last group).
+    """
+    n_rows = seqd.shape[0]
+    grow_off = np.zeros(n_groups + 1, np.int64)
+    for r in range(n_rows):
+        grow_off[row_group[r] + 1] += 1
+    for g in range(n_groups):
+        grow_off[g + 1] += grow_off[g]
+    run_lo = np.empty(n_rows + 1, np.int64)
+    grun_off = np.zeros(n_groups + 1, np.int64)
+    start_group = np.full(n_seq, n_groups, np.int64)
+    end_group = np.zeros(n_seq, np.int64)
+    n_runs = 0
+    for g in range(n_groups):
+        for r in range(grow_off[g], grow_off[g + 1]):
+            q = seqd[r]
+            if r == grow_off[g] or seqd[r - 1] != q:
+                run_lo[n_runs] = r
+                n_runs += 1
+            start_group[q] = min(start_group[q], g)
+            end_group[q] = max(end_group[q], g)
+        grun_off[g + 1] = n_runs
+    run_lo[n_runs] = n_rows
+    delta = np.zeros(n_groups + 1, np.int64)
+    for q in range(n_seq):
+        if start_group[q] < n_groups:
+            delta[start_group[q]] += 1
+            delta[end_group[q] + 1] -= 1
+    n_slots = 1
+    active = 0
+    for g in range(n_groups + 1):
+        active += delta[g]
+        n_slots = max(n_slots, active)
+    fin_step_end = np.zeros(n_groups, np.bool_)
+    for q in range(n_seq):
+        if start_group[q] < n_groups:
+            fin_step_end[end_group[q]] = True
+    g = 0
+    while g < n_groups:  # move each step's flag to its last group
+        h = g
+        any_end = False
+        while h < n_groups and g_step[h] == g_step[g]:
+            any_end = any_end or fin_step_end[h]
+            fin_step_end[h] = False
+            h += 1
+        fin_step_end[h - 1] = any_end
+        g = h
+    return grow_off, run_lo[: n_runs + 1], grun_off, end_group, n_slots, fin_step_end
+
+
+@njit(cache=True)
+def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, e_max,
+           layer_base, capacity, horizon, top_n, warm, chunk, par_min, n_threads,
+           seg_runs):  # fmt: skip
+    """The matching pass. The trace is cut into segments of at most ``seg_runs`` runs that end
+    at the latest where the collection changes (after a step in which sequences finish). Per
+    segment: (1) the sequences' matrices move and each record (a sequence's first run in a
+    step) notes its per-layer weights; (2) the dot products with the collection and the
+    records' best matches are computed in blocks of ``chunk`` entries, each block over the
+    whole segment (its part of the collection stays in cache; blocks run on several cores when
+    the segment is large); (3) the blocks' bests are merged and the prefetch lists written.
+    Every number is computed as by one pass in trace order: same operations, same order."""
     n_groups = g_step.shape[0]
     L = n_layers
     C = capacity
+    grow_off, run_lo, grun_off, end_group, n_slots, fin_step_end = _plan(
+        row_group, g_step, seqd, n_seq, n_groups
+    )
     # the collection, transposed for the per-access update: ecol[l, e, k]
     ecol = np.zeros((L, e_max, C), np.float32)
     inv_e = np.zeros((L, C), np.float32)  # 1 / |row l of entry k| (0 for an empty row)
+    top_e = np.zeros((C, L, max(1, top_n)), np.int64)  # each entry's top experts per layer
+    top_v = np.zeros((C, L, max(1, top_n)), np.float32)
+    n_top = np.zeros((C, L), np.int64)
     matched = np.zeros(C, np.int64)
     born = np.zeros(C, np.int64)
     entry_snap = np.full(C, -1, np.int64)
@@ -144,7 +222,15 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
     best = np.full((n_slots, L), -1, np.int64)
     seq_of_slot = np.full(n_slots, -1, np.int64)
     step_mark = np.full(n_slots, -1, np.int64)
-    suffix = np.zeros(C, np.float64)
+    # segment buffers (grown if one group has more runs than SEG_RUNS)
+    seg_cap = seg_runs
+    seg_slot = np.empty(seg_cap, np.int64)
+    seg_rec = np.empty(seg_cap, np.int64)
+    seg_zero = np.empty(seg_cap, np.bool_)
+    max_chunks = max(1, (C + 15) // 16)
+    w_seg = np.empty((seg_cap, L), np.float64)
+    bv = np.empty((max_chunks, seg_cap, L), np.float64)
+    bk = np.empty((max_chunks, seg_cap, L), np.int64)
     # output
     cap_out = max(16, n_groups * horizon * top_n)
     out_obj = np.empty(cap_out, np.int32)
@@ -161,18 +247,15 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
     cand_tgt = np.empty(layer_base[L], np.int64)
     layer_group = np.full(L, -1, np.int64)
     finished = np.empty(n_slots, np.int64)
-    top_e = np.empty(top_n, np.int64)
     seen = np.full(n_seq, -1, np.int64)
     fin_mark = np.full(n_seq, -1, np.int64)
-    u_cnt = np.zeros(e_max, np.float32)  # a sequence's experts in the group, with counts
-    u_list = np.empty(e_max, np.int64)
     clock = 0
 
     # warm start
     for w in range(warm.shape[0]):
         k = n_entries
         n_entries += 1
-        _store(ecol, inv_e, warm[w], k, e_max, L)
+        _store(ecol, inv_e, top_e, top_v, n_top, warm[w], k, e_max, L, layer_base, top_n)
         matched[k] = 0
         born[k] = clock
         clock += 1
@@ -180,63 +263,110 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
         entry_snap[k] = n_snap
         n_snap += 1
 
-    g = 0
-    while g < n_groups:
-        s = g_step[g]
-        g_end = g
-        while g_end < n_groups and g_step[g_end] == s:
-            g_end += 1
-        for lay in range(L):
-            layer_group[lay] = -1
-        for gg in range(g, g_end):
-            layer_group[g_layer[gg]] = gg
-        n_fin = 0
-        for gg in range(g, g_end):
+    n_fin = 0
+    step_lo = 0  # the groups of the step being written: step_lo .. step_hi-1
+    step_hi = 0
+    ga = 0
+    while ga < n_groups:
+        # the segment: groups ga .. gb-1, ending after a step in which sequences finish
+        gb = ga
+        while gb < n_groups and (gb == ga or grun_off[gb + 1] - grun_off[ga] <= seg_cap):
+            gb += 1
+            if fin_step_end[gb - 1]:
+                break
+        x0 = grun_off[ga]
+        x1 = grun_off[gb]
+        if x1 - x0 > seg_cap:
+            seg_cap = x1 - x0
+            seg_slot = np.empty(seg_cap, np.int64)
+            seg_rec = np.empty(seg_cap, np.int64)
+            seg_zero = np.empty(seg_cap, np.bool_)
+            w_seg = np.empty((seg_cap, L), np.float64)
+            bv = np.empty((max_chunks, seg_cap, L), np.float64)
+            bk = np.empty((max_chunks, seg_cap, L), np.int64)
+        # (1) the sequences' matrices; records and their weights
+        n_rec = 0
+        n_acc = 0
+        for x in range(x0, x1):
+            q = seqd[run_lo[x]]
+            gx = row_group[run_lo[x]]
+            s = g_step[gx]
+            lay = g_layer[gx]
+            i = slot_of[q]
+            seg_zero[x - x0] = False
+            if i < 0:
+                n_free -= 1
+                i = free[n_free]
+                slot_of[q] = i
+                seq_of_slot[i] = q
+                a_mat[i] = 0.0
+                a_sq[i] = 0.0
+                step_mark[i] = -1
+                seg_zero[x - x0] = True
+            seg_slot[x - x0] = i
+            seg_rec[x - x0] = -1
+            if step_mark[i] != s:
+                # first appearance in this step: every layer's match (rows after the
+                # current layer do not change this step)
+                step_mark[i] = s
+                seg_rec[x - x0] = n_rec
+                for j in range(L):
+                    w_seg[n_rec, j] = 1.0 / np.sqrt(a_sq[i, j]) if a_sq[i, j] > 0.0 else 0.0
+                n_rec += 1
+            for j in range(offsets[run_lo[x]], offsets[run_lo[x + 1]]):
+                e = experts[j]
+                a = a_mat[i, lay, e]
+                a_mat[i, lay, e] = a + 1.0
+                a_sq[i, lay] += 2.0 * a + 1.0
+            n_acc += offsets[run_lo[x + 1]] - offsets[run_lo[x]]
+        # (2) dot products and best matches, by blocks of entries
+        if n_entries > 0:
+            n_chunks = (n_entries + chunk - 1) // chunk
+            if n_threads > 1 and n_chunks % n_threads:  # balance the cores
+                n_chunks += n_threads - n_chunks % n_threads
+            bsize = (n_entries + n_chunks - 1) // n_chunks
+            bsize = (bsize + 15) // 16 * 16
+            n_chunks = (n_entries + bsize - 1) // bsize
+            if n_chunks > 1 and (n_acc + n_rec * L) * n_entries >= par_min:
+                _blocks_parallel(n_chunks, bsize, n_entries, x0, x1, run_lo, row_group,
+                                 g_layer, offsets, experts, seg_slot, seg_rec, seg_zero,
+                                 w_seg, dots, ecol, inv_e, bv, bk, L, e_max)  # fmt: skip
+            else:
+                for c in range(n_chunks):
+                    _block(c, bsize, n_entries, x0, x1, run_lo, row_group, g_layer, offsets,
+                           experts, seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e,
+                           bv, bk, L, e_max)  # fmt: skip
+        else:
+            n_chunks = 0
+        # (3) per group: merge the records' best matches; prefetch candidates
+        for gg in range(ga, gb):
+            if gg >= step_hi:  # a new step: which group holds each layer
+                step_lo = gg
+                step_hi = gg
+                while step_hi < n_groups and g_step[step_hi] == g_step[gg]:
+                    step_hi += 1
+                for lay in range(L):
+                    layer_group[lay] = -1
+                for g2 in range(step_lo, step_hi):
+                    layer_group[g_layer[g2]] = g2
             lay = g_layer[gg]
-            # (a) the gate: this group's tokens update their sequences' matrices. Rows of one
-            # sequence are contiguous in a group: their experts (with counts) are gathered, then
-            # the dot products with every entry move in one fused pass.
-            r = grow_off[gg]
-            while r < grow_off[gg + 1]:
-                q = seqd[r]
-                r_end = r
-                while r_end < grow_off[gg + 1] and seqd[r_end] == q:
-                    r_end += 1
-                i = slot_of[q]
-                if i < 0:
-                    n_free -= 1
-                    i = free[n_free]
-                    slot_of[q] = i
-                    seq_of_slot[i] = q
-                    a_mat[i] = 0.0
-                    a_sq[i] = 0.0
-                    dots[i] = 0.0
-                    step_mark[i] = -1
-                if step_mark[i] != s:
-                    # first appearance in this step: every layer's match, by a suffix pass
-                    # over the layers (rows after the current layer do not change this step)
-                    step_mark[i] = s
-                    _suffix_best(a_sq, dots, inv_e, i, n_entries, L, suffix, best)
-                n_u = 0
-                for rr in range(r, r_end):
-                    for j in range(offsets[rr], offsets[rr + 1]):
-                        e = experts[j]
-                        a = a_mat[i, lay, e]
-                        a_mat[i, lay, e] = a + 1.0
-                        a_sq[i, lay] += 2.0 * a + 1.0
-                        if u_cnt[e] == 0.0:
-                            u_list[n_u] = e
-                            n_u += 1
-                        u_cnt[e] += 1.0
-                _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, n_entries)
-                for x in range(n_u):
-                    u_cnt[u_list[x]] = 0.0
+            for x in range(grun_off[gg], grun_off[gg + 1]):
+                i = seg_slot[x - x0]
+                rec = seg_rec[x - x0]
+                if rec >= 0:
+                    for j in range(L):
+                        vb = 0.0
+                        kb = -1
+                        for c in range(n_chunks):
+                            if bk[c, rec, j] >= 0 and bv[c, rec, j] > vb:
+                                vb = bv[c, rec, j]
+                                kb = bk[c, rec, j]
+                        best[i, j] = kb
+                q = seqd[run_lo[x]]
                 if end_group[q] == gg and fin_mark[q] < 0:
                     fin_mark[q] = gg
                     finished[n_fin] = i
                     n_fin += 1
-                r = r_end
-            # (b) each sequence of the group: its match and its prefetch candidates
             n_c = 0
             m_off[gg] = n_m
             for r in range(grow_off[gg], grow_off[gg + 1]):
@@ -261,12 +391,9 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
                     if tg < 0:
                         continue
                     decay = 1.0 - (tl - lay) / (L + 1.0)
-                    n_top = _top_counts(ecol, tl, k, layer_base[tl + 1] - layer_base[tl],
-                                        top_n, top_e)  # fmt: skip
-                    for t in range(n_top):
-                        e = top_e[t]
-                        o = layer_base[tl] + e
-                        p = (ecol[tl, e, k] + EPS) * decay
+                    for t in range(n_top[k, tl]):
+                        o = layer_base[tl] + top_e[k, tl, t]
+                        p = (top_v[k, tl, t] + EPS) * decay
                         if cand_stamp[o] != gg:
                             cand_stamp[o] = gg
                             cand_p[o] = p
@@ -301,7 +428,10 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
                 n_out += 1
             out_off[gg + 1] = n_out
             m_off[gg + 1] = n_m
-        # end of the step: finished sequences join the collection
+        ga = gb
+        if not fin_step_end[gb - 1]:
+            continue
+        # end of a step: its finished sequences join the collection
         for f in range(n_fin):
             i = finished[f]
             if n_entries < C:
@@ -312,7 +442,7 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
                 for c in range(1, C):
                     if matched[c] < matched[k] or (matched[c] == matched[k] and born[c] < born[k]):
                         k = c
-            _store(ecol, inv_e, a_mat[i], k, e_max, L)
+            _store(ecol, inv_e, top_e, top_v, n_top, a_mat[i], k, e_max, L, layer_base, top_n)
             matched[k] = 0
             born[k] = clock
             clock += 1
@@ -332,34 +462,104 @@ def _match(grow_off, g_step, g_layer, seqd, offsets, experts, end_group, n_seq, 
                     for e in range(e_max):
                         acc_d += a_mat[i2, lay, e] * ecol[lay, e, k]
                     dots[i2, lay, k] = acc_d
-        g = g_end
+        n_fin = 0
     out_off[n_groups] = n_out
     m_off[n_groups] = n_m
-    return (out_off, out_obj[:n_out].copy(), out_tgt[:n_out].copy(), m_off, m_ids[:n_m].copy(),
-            snap_eam, n_snap)  # fmt: skip
+    return (out_off, out_obj[:n_out], out_tgt[:n_out], m_off, m_ids[:n_m].copy(), snap_eam,
+            n_snap)  # fmt: skip
+
+
+@njit(cache=True, parallel=True)
+def _blocks_parallel(n_chunks, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets,
+                     experts, seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk,
+                     n_layers, e_max):  # fmt: skip
+    """:func:`_block` for every block, the blocks spread over the cores (they write disjoint
+    entries of ``dots`` and disjoint rows of ``bv``/``bk``)."""
+    for c in prange(n_chunks):
+        _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, experts,
+               seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk, n_layers,
+               e_max)  # fmt: skip
 
 
 @njit(cache=True)
-def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, n_entries):
-    """dots[i, lay, :] += sum over the listed experts of count x ecol[lay, e, :], fused (the
-    common one-token case: one read of each expert's row, one write of the dot row)."""
+def _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, experts, seg_slot,
+           seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk, n_layers, e_max):  # fmt: skip
+    """Entries ``c * size`` .. of the collection through the runs ``x0 .. x1`` of a segment:
+    a record's best match per layer among these entries (``bv``/``bk`` row ``c``: the
+    highest summed cosine over the later layers, > 0, and its first entry; else -1), then the
+    run's accesses move the dot products."""
+    k0 = c * size
+    k1 = min(n_entries, k0 + size)
+    n = k1 - k0
+    L = n_layers
+    suffix = np.empty(n, np.float64)
+    u_cnt = np.zeros(e_max, np.float32)  # a run's experts with counts
+    u_list = np.empty(e_max, np.int64)
+    for x in range(x0, x1):
+        i = seg_slot[x - x0]
+        if seg_zero[x - x0]:
+            dots[i, :, k0:k1] = 0.0
+        rec = seg_rec[x - x0]
+        if rec >= 0:
+            for k in range(n):
+                suffix[k] = 0.0
+            bv[c, rec, L - 1] = 0.0
+            bk[c, rec, L - 1] = -1
+            for j in range(L - 1, 0, -1):
+                w = w_seg[rec, j]
+                if w > 0.0:
+                    dr = dots[i, j, k0:k1]
+                    ir = inv_e[j, k0:k1]
+                    for k in range(n):
+                        suffix[k] += dr[k] * ir[k] * w
+                vb = _max_of(suffix, n)  # vectorised; then the first entry holding it
+                kb = -1
+                if vb > 0.0:
+                    kb = k0 + _first_equal(suffix, n, vb)
+                bv[c, rec, j - 1] = vb
+                bk[c, rec, j - 1] = kb
+        lay = g_layer[row_group[run_lo[x]]]
+        n_u = 0
+        for j in range(offsets[run_lo[x]], offsets[run_lo[x + 1]]):
+            e = experts[j]
+            if u_cnt[e] == 0.0:
+                u_list[n_u] = e
+                n_u += 1
+            u_cnt[e] += 1.0
+        _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1)
+        for t in range(n_u):
+            u_cnt[u_list[t]] = 0.0
+
+
+@njit(cache=True)
+def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
+    """dots[i, lay, k0:k1] += sum over the listed experts of count x ecol[lay, e, k0:k1], fused
+    (the common one-token case: one read of each expert's row, one write of the dot row).
+
+    The loops run over views from index 0, so numba sees non-negative indices and LLVM
+    vectorises them (with ``range(k0, k1)`` the negative-index check stays in the loop)."""
+    n = k1 - k0
+    d = dots[i, lay, k0:k1]
     if n_u == 6:  # top-6 models (DeepSeek, Qwen): unrolled, the hot case
         e0, e1, e2, e3, e4, e5 = u_list[0], u_list[1], u_list[2], u_list[3], u_list[4], u_list[5]
         c0, c1, c2, c3, c4, c5 = u_cnt[e0], u_cnt[e1], u_cnt[e2], u_cnt[e3], u_cnt[e4], u_cnt[e5]
-        for k in range(n_entries):
-            dots[i, lay, k] += (c0 * ecol[lay, e0, k] + c1 * ecol[lay, e1, k]
-                                + c2 * ecol[lay, e2, k] + c3 * ecol[lay, e3, k]
-                                + c4 * ecol[lay, e4, k] + c5 * ecol[lay, e5, k])  # fmt: skip
+        r0, r1, r2 = ecol[lay, e0, k0:k1], ecol[lay, e1, k0:k1], ecol[lay, e2, k0:k1]
+        r3, r4, r5 = ecol[lay, e3, k0:k1], ecol[lay, e4, k0:k1], ecol[lay, e5, k0:k1]
+        for k in range(n):
+            d[k] += (c0 * r0[k] + c1 * r1[k] + c2 * r2[k] + c3 * r3[k] + c4 * r4[k]
+                     + c5 * r5[k])  # fmt: skip
         return
     for x in range(n_u):
         e = u_list[x]
         c = u_cnt[e]
-        for k in range(n_entries):
-            dots[i, lay, k] += c * ecol[lay, e, k]
+        r = ecol[lay, e, k0:k1]
+        for k in range(n):
+            d[k] += c * r[k]
 
 
 @njit(cache=True)
-def _store(ecol, inv_e, mat, k, e_max, n_layers):
+def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base, top_n):
+    """Entry ``k`` of the collection := ``mat``: its columns, row norms and top experts."""
     for lay in range(n_layers):
         sq = 0.0
         for e in range(e_max):
@@ -367,58 +567,72 @@ def _store(ecol, inv_e, mat, k, e_max, n_layers):
             ecol[lay, e, k] = v
             sq += v * v
         inv_e[lay, k] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+        n_e = layer_base[lay + 1] - layer_base[lay]
+        n_top[k, lay] = _top_counts(mat[lay], n_e, top_n, top_e[k, lay])
+        for t in range(n_top[k, lay]):
+            top_v[k, lay, t] = mat[lay, top_e[k, lay, t]]
 
 
 @njit(cache=True)
-def _suffix_best(a_sq, dots, inv_e, i, n_entries, n_layers, suffix, best):
-    """best[i, l] = the entry with the highest summed cosine over layers l+1.. (-1 if none > 0).
-
-    The mean over those layers has the same argmax as the sum; ties go to the lower entry.
-    """
-    for k in range(n_entries):
-        suffix[k] = 0.0
-    best[i, n_layers - 1] = -1
-    for j in range(n_layers - 1, 0, -1):
-        if a_sq[i, j] > 0.0:
-            w = 1.0 / np.sqrt(a_sq[i, j])
-            for k in range(n_entries):
-                suffix[k] += dots[i, j, k] * inv_e[j, k] * w
-        bv = _max_of(suffix, n_entries)  # vectorised; then the first entry holding it
-        bk = -1
-        if bv > 0.0:
-            for k in range(n_entries):
-                if suffix[k] == bv:
-                    bk = k
-                    break
-        best[i, j - 1] = bk
+def _first_equal(x, n, v):
+    """The first ``k < n`` with ``x[k] == v`` (-1 if none), eight values per test (the eight
+    comparisons of a test compile into one vector compare)."""
+    k = 0
+    while k + 8 <= n:
+        hit = False
+        for t in range(8):
+            hit |= x[k + t] == v
+        if hit:
+            break
+        k += 8
+    while k < n:
+        if x[k] == v:
+            return k
+        k += 1
+    return -1
 
 
 @njit(cache=True, fastmath=True)
 def _max_of(x, n):
-    """max(x[:n]) (0 when n == 0). fastmath lets numba vectorise the reduction; a maximum is
-    exact in any order (the values are finite)."""
-    m = 0.0
-    for k in range(n):
+    """max(0, x[:n]). Eight running maxima, so that the loop compiles into vector maxima
+    (a single running maximum measured 3x slower); a maximum is exact in any order (the values
+    are finite)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    k = 0
+    while k + 8 <= n:
+        a0 = max(a0, x[k])
+        a1 = max(a1, x[k + 1])
+        a2 = max(a2, x[k + 2])
+        a3 = max(a3, x[k + 3])
+        a4 = max(a4, x[k + 4])
+        a5 = max(a5, x[k + 5])
+        a6 = max(a6, x[k + 6])
+        a7 = max(a7, x[k + 7])
+        k += 8
+    m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+    while k < n:
         m = max(m, x[k])
+        k += 1
     return m
 
 
 @njit(cache=True)
-def _top_counts(ecol, lay, k, n_e, top_n, top_e):
-    """The ``top_n`` experts of layer ``lay`` with the highest counts (> 0) in entry ``k``."""
+def _top_counts(row, n_e, top_n, top_e):
+    """The ``top_n`` experts among ``row[:n_e]`` with the highest counts (> 0), highest first,
+    ties in expert order; their number."""
     m = 0
     for e in range(n_e):
-        v = ecol[lay, e, k]
+        v = row[e]
         if v <= 0.0:
             continue
         if m < top_n:
             y = m
             m += 1
-        elif v > ecol[lay, top_e[m - 1], k]:
+        elif v > row[top_e[m - 1]]:
             y = m - 1
         else:
             continue
-        while y > 0 and ecol[lay, top_e[y - 1], k] < v:
+        while y > 0 and row[top_e[y - 1]] < v:
             top_e[y] = top_e[y - 1]
             y -= 1
         top_e[y] = e

@@ -7,6 +7,7 @@ Twins are plain Python over the trace's rows in replay order, written from the d
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -278,6 +279,34 @@ def test_moe_infinity_equals_twin(case, horizon, capacity):
         for s, mat in enumerate(snaps):
             for lay, n_e in enumerate(tr.meta.experts_per_layer):
                 assert np.array_equal(m.snap[s, base[lay] : base[lay] + n_e], mat[lay, :n_e])
+
+
+@pytest.mark.parametrize("case", range(len(TRACES)))
+def test_moe_infinity_blocks_segments_and_cores_change_nothing(case):
+    """The matching pass cut into blocks of 16 entries run on the cores (par_min=0), and into
+    segments of one run (each group alone, grown buffers for groups of several sequences),
+    gives every list, match and snapshot of the default pass and of the twin."""
+    rng = np.random.default_rng(40 + case)
+    tr = random_trace(rng, **TRACES[case])
+    warm = moe_infinity.eam_of_sequences(
+        random_trace(rng, **{**TRACES[case], "sequences": 40})
+    )  # 40 entries: three blocks of 16
+    acc = prepare(tr).acc
+    ref = moe_infinity.build(tr, acc, 2, 2, 1000, warm)
+    issue, match, _ = _moe_infinity_twin(tr, 2, 2, 1000, warm)
+    assert _issue_by_group(*ref[0]) == issue and _csr_lists(ref[1].off, ref[1].ids) == match
+    for chunk, par_min, seg_runs in [(16, 0, 4096), (16, 0, 1), (16, 1 << 62, 1), (48, 0, 3)]:
+        (off, obj, tgt), m = moe_infinity.build(tr, acc, 2, 2, 1000, warm, chunk=chunk,
+                                                par_min=par_min, seg_runs=seg_runs)  # fmt: skip
+        for a, b in zip(
+            (off, obj, tgt, m.snap, m.off, m.ids), (*ref[0], *astuple(ref[1])), strict=True
+        ):
+            assert np.array_equal(a, b)
+    # capacity 3: entries are replaced while blocks and segments are small
+    small = moe_infinity.build(tr, acc, 1, 2, 3, warm)
+    cut = moe_infinity.build(tr, acc, 1, 2, 3, warm, chunk=16, par_min=0, seg_runs=1)
+    assert _issue_by_group(*cut[0]) == _issue_by_group(*small[0])
+    assert _csr_lists(cut[1].off, cut[1].ids) == _moe_infinity_twin(tr, 1, 2, 3, warm)[1]
 
 
 def _hand_trace(layers, experts, top_k, steps, seqs=None, preds=None):
