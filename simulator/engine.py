@@ -23,7 +23,7 @@ from policies.state import (
     PINNED,
     new_state,
 )
-from simulator import fast_count, prefetchers
+from simulator import fast_count, fast_timed, prefetchers
 from simulator import kernels as K
 from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
@@ -267,10 +267,31 @@ def run(
               np.zeros(n_ev, np.float64), np.zeros(n_ev, np.float64))  # fmt: skip
         scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
         t0 = time.perf_counter()
-        K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
-                       acc.group_decode, acc.obj, acc.count, prep.next_use, atomic, pf_off,
-                       pf_obj, pf_tgt, prep.obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
-                       stall_layer, *ev, *scratch)  # fmt: skip
+        done = fast_timed.applies(spec, st, n_ev) and fast_timed.replay(
+            st,
+            spec,
+            acc,
+            atomic,
+            pf_off,
+            pf_obj,
+            pf_tgt,
+            prep.obj_bytes,
+            hw,
+            cnt,
+            fl,
+            hits_layer,
+            acc_layer,
+            stall_layer,
+            scratch,
+        )  # LRU/FIFO: the list-only loop, same record
+        if not done:  # the general kernel (also where the fast path gave up: start afresh)
+            for a in (cnt, fl, hits_layer, acc_layer, stall_layer):
+                a[:] = 0
+            scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
+            K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step,
+                           acc.group_prefill, acc.group_decode, acc.obj, acc.count,
+                           prep.next_use, atomic, pf_off, pf_obj, pf_tgt, prep.obj_bytes, hw, cnt,
+                           fl, hits_layer, acc_layer, stall_layer, *ev, *scratch)  # fmt: skip
         kernel_s = time.perf_counter() - t0
         if n_ev:
             n = int(cnt[K.C_EVENTS])

@@ -1,0 +1,367 @@
+"""Timed-mode fast path for the list policies (LRU, FIFO): the same result record, faster.
+
+:func:`simulator.kernels.replay_timed` serves every policy through the general request path:
+the policy hook and structure dispatch on every use, per-object rows of the cache state, a
+protection stamp kept in that row, the event log's checks. For LRU and FIFO on one pool of
+unit-size experts (global scope with a slot budget, the common configuration) the cache is an
+intrusive doubly linked list in two int32 arrays and a status byte per expert, and the loop
+below does nothing else: the same discrete-event model, step for step and addition for
+addition (the link's queue and its copy engines are the general kernel's own functions), so
+every counter and every float of the result record is identical
+(tests/test_fast_timed.py compares the records field by field, prefetching included).
+
+It gives up, and :func:`simulator.engine.run` replays with the general kernel instead, where a
+demand miss finds no expert it may evict (the general kernel then defers the fetch until a
+slot frees, which this loop does not model); :func:`replay` returns False then and has changed
+only its scratch arrays and the counters it was given, which the engine zeroes again.
+
+:func:`applies` decides; ``MOESIM_FAST_TIMED=0`` or ``ENABLED = False`` forces the general
+kernel (to compare the two), as ``MOESIM_FAST_COUNT`` does for count mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit
+
+from policies.spec import PolicySpec
+from policies.state import ABSENT, IN_FLIGHT, OI_SIZE, P_CAP, P_USED, PINNED, RESIDENT, CacheState
+from simulator import kernels as K
+from simulator.fast_count import LIST_POLICIES, _push_front, _unlink
+from traces._jit import HOT
+
+#: False forces the general kernel (also: MOESIM_FAST_TIMED=0 in the environment).
+ENABLED = os.environ.get("MOESIM_FAST_TIMED", "1") != "0"
+
+BIG = K.BIG
+INF = K.INF
+H_BW, H_LATENCY, H_DENSE, H_DENSE_TOK = K.H_BW, K.H_LATENCY, K.H_DENSE, K.H_DENSE_TOK
+H_EXPERT, H_EXPERT_TOK = K.H_EXPERT, K.H_EXPERT_TOK
+
+
+def applies(spec: PolicySpec, st: CacheState, n_events: int) -> bool:
+    """Whether :func:`replay` may serve this timed run: an LRU/FIFO-like list policy without a
+    ``prepare`` hook, one partition of unit-size experts with room for one, nothing admitted
+    yet (pinned experts are fine), no event log."""
+    return (
+        ENABLED
+        and n_events == 0
+        and spec.pid in LIST_POLICIES
+        and spec.prepare is None
+        and st.parts.shape[0] == 1
+        and bool(np.all(st.oi[:, OI_SIZE] == 1))
+        and int(st.parts[0, P_CAP]) >= 1
+        and not bool(np.any(st.status == RESIDENT))
+    )
+
+
+def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, hits_layer,
+           acc_layer, stall_layer, scratch) -> bool:  # fmt: skip
+    """Timed replay of a list policy: the arguments of :func:`simulator.kernels.replay_timed`
+    less the policy state (read from ``st``, not changed) and the event log. Adds to the
+    counters as the general kernel does and returns True, or returns False (see the module)."""
+    n_obj = st.num_objects
+    status = np.where(st.status == PINNED, PINNED, ABSENT).astype(np.int8)
+    prv = np.full(n_obj + 1, n_obj, np.int32)
+    nxt = np.full(n_obj + 1, n_obj, np.int32)
+    pin = np.full(n_obj, -1, np.int64)
+    hits_obj = np.zeros(n_obj, np.int64)
+    eng, arrive, need_by, pf_flag, pend, pend_t, m_ready, _, m_late, m_order, xfer = scratch
+    no_f = np.zeros(0, np.float64)
+    ok = _replay(acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
+                 acc.group_decode, acc.obj, acc.count, atomic, LIST_POLICIES[spec.pid], pf_off,
+                 pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
+                 nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
+                 arrive, need_by, pf_flag, pend, pend_t, m_ready, m_late, m_order, xfer,
+                 np.empty(n_obj, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64),
+                 np.zeros(0, np.int32), no_f, no_f)  # fmt: skip
+    if ok:
+        np.add.at(hits_layer, acc.obj_layer, hits_obj)
+    return ok
+
+
+@njit(inline="always", **HOT)
+def _evictable(status, pin, need_by, arrive, o, pin_lo, pin_hi, need_limit, g, now):
+    """:func:`policies.dispatch.evictable` on this loop's state (``g``: the current group)."""
+    s = status[o]
+    if s == IN_FLIGHT:
+        if arrive[o] > now:
+            return False
+    elif s != RESIDENT:
+        return False
+    pv = pin[o]
+    if pv >= pin_lo and pv <= pin_hi:
+        return False
+    nb = need_by[o]
+    return nb > need_limit or nb <= g
+
+
+@njit(inline="always", **HOT)
+def _victim(status, prv, pin, need_by, arrive, s, pin_lo, pin_hi, need_limit, g, now):
+    """The first evictable expert from the list's eviction end, or -1."""
+    c = prv[s]
+    while c != s:
+        if _evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
+            return c
+        c = prv[c]
+    return -1
+
+
+@njit(**HOT)
+def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hit, pf_off, pf_obj,
+            pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv, nxt, pin, used,
+            cap, hits_obj, eng, arrive, need_by, pf_flag, pend, pend_t, m_ready, m_late, m_order,
+            xfer, d_obj, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+    """The loop of :func:`simulator.kernels.replay_timed` for a list policy on one pool of
+    unit-size experts (``used``/``cap``: the pool's use, pinned experts included, and
+    capacity; ``prv``/``nxt``: the list, sentinel at index O, most recent after it). Hits are
+    tallied per expert in ``hits_obj``. Returns False where a demand miss finds no victim."""
+    n_groups = g_layer.shape[0]
+    n_obj = status.shape[0]
+    s = n_obj
+    for o in range(n_obj):
+        xfer[o] = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
+        if status[o] == PINNED:
+            arrive[o] = 0.0
+    npend = 0
+    seq = 0
+    cur = 0.0
+    step_start = 0.0
+    step_tokens = 0
+    step_decode = True
+    f_dense = 0.0
+    f_compute = 0.0
+    f_stall = 0.0
+    f_late = 0.0
+    hits = 0
+    misses = 0
+    inflight_hits = 0
+    evictions = 0
+    forced = 0
+    pf_used = 0
+    pf_late = 0
+    pf_wasted = 0
+    pf_wasted_bytes = 0
+    pf_cancelled = 0
+    pf_issued = 0
+    pf_bytes = 0
+    pf_dropped = 0
+    e_expert = hw[H_EXPERT]
+    e_tok = hw[H_EXPERT_TOK]
+    n_eng = eng.shape[0]
+    n_dem = 0
+    for g in range(n_groups):
+        a0 = g_off[g]
+        a1 = g_off[g + 1]
+        m = a1 - a0
+        b = 4 * g
+        lay = g_layer[g]
+        ntok = g_pre[g] + g_dec[g]
+        if g == 0 or g_step[g] != g_step[g - 1]:
+            if g > 0:
+                K._close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
+            step_start = cur
+            step_tokens = ntok
+            step_decode = g_pre[g] == 0
+        dense = hw[H_DENSE] + hw[H_DENSE_TOK] * ntok
+        f_dense += dense
+        cur += dense
+        now = cur
+        if npend > 0:
+            npend = K._advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer,
+                               cnt, fl, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        if atomic:
+            for a in range(a0, a1):
+                pin[obj[a]] = b + 1
+        acc_layer[lay] += m
+        # classify every needed expert; issue demand fetches
+        for a in range(a0, a1):
+            k = a - a0
+            o = obj[a]
+            so = status[o]
+            m_late[k] = 0
+            if so == PINNED or so == RESIDENT or (so == IN_FLIGHT and arrive[o] <= now):
+                hits_obj[o] += 1
+                m_ready[k] = now
+                if so != PINNED and move_on_hit and nxt[s] != o:
+                    _unlink(prv, nxt, o)
+                    _push_front(prv, nxt, s, o)
+                if pf_flag[o] != 0:
+                    pf_flag[o] = 0
+                    pf_used += 1
+            elif so == IN_FLIGHT:
+                inflight_hits += 1
+                if move_on_hit and nxt[s] != o:
+                    _unlink(prv, nxt, o)
+                    _push_front(prv, nxt, s, o)
+                m_ready[k] = -1.0
+                if pf_flag[o] != 0:
+                    pf_flag[o] = 0
+                    pf_used += 1
+                    pf_late += 1
+                    m_late[k] = 1
+                if arrive[o] == INF:  # still queued: it is now a demand fetch
+                    for i in range(npend):
+                        if pend[i, 0] == o:
+                            pend[i, 1] = 0
+            else:
+                misses += 1
+                m_ready[k] = -1.0
+                if used >= cap:
+                    if atomic:
+                        v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 3, BIG - 1,
+                                    g, now)  # fmt: skip
+                        if v < 0:
+                            v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 2,
+                                        BIG - 1, g, now)  # fmt: skip
+                            if v >= 0:
+                                forced += 1
+                    else:
+                        v = _victim(status, prv, pin, need_by, arrive, s, b + 2, b + 2, BIG - 1,
+                                    g, now)  # fmt: skip
+                    if v < 0:
+                        return False  # the general kernel defers this fetch
+                    _unlink(prv, nxt, v)
+                    status[v] = ABSENT
+                    used -= 1
+                    evictions += 1
+                    if pf_flag[v] != 0:
+                        pf_flag[v] = 0
+                        pf_wasted += 1
+                        pf_wasted_bytes += obj_bytes[v]
+                status[o] = IN_FLIGHT
+                used += 1
+                _push_front(prv, nxt, s, o)
+                arrive[o] = INF
+                d_obj[n_dem] = o  # started at the flush, after the queued demand fetches
+                n_dem += 1
+                seq += 1
+            if need_by[o] <= g:
+                need_by[o] = BIG
+            pin[o] = b + 2
+        # queued prefetches aimed at this group or earlier that it did not need: drop them
+        i = 0
+        while i < npend:
+            o = pend[i, 0]
+            if pend[i, 1] == 1 and need_by[o] <= g:
+                npend -= 1
+                pend[i, 0] = pend[npend, 0]
+                pend[i, 1] = pend[npend, 1]
+                pend[i, 2] = pend[npend, 2]
+                pend_t[i] = pend_t[npend]
+                _unlink(prv, nxt, o)
+                status[o] = ABSENT
+                used -= 1
+                arrive[o] = INF
+                need_by[o] = BIG
+                pf_flag[o] = 0
+                pf_cancelled += 1
+            else:
+                i += 1
+        if npend > 0:
+            npend = K._advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer,
+                               cnt, fl, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        # this group's misses: demand fetches issued now, in access order, each on the copy
+        # engine free first (what the general kernel's queue does with them)
+        for x in range(n_dem):
+            o = d_obj[x]
+            e = 0
+            f = eng[0]
+            for i in range(1, n_eng):
+                if eng[i] < f:
+                    f = eng[i]
+                    e = i
+            start = max(f, now)
+            dur = xfer[o]
+            eng[e] = start + dur
+            arrive[o] = start + dur
+            fl[K.F_LINK_BUSY] += dur
+            cnt[K.C_BYTES] += obj_bytes[o]
+        n_dem = 0
+        for k in range(m):
+            if m_ready[k] < 0.0:
+                m_ready[k] = arrive[obj[a0 + k]]
+        # prefetches issued at this gate, queued behind the demand fetches
+        for j in range(pf_off[g], pf_off[g + 1]):
+            o = pf_obj[j]
+            tgt = pf_tgt[j]
+            if status[o] == ABSENT:
+                ok = True
+                if used >= cap:
+                    v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 3, tgt, g, now)
+                    if v < 0:
+                        ok = False
+                    else:
+                        _unlink(prv, nxt, v)
+                        status[v] = ABSENT
+                        used -= 1
+                        evictions += 1
+                        if pf_flag[v] != 0:
+                            pf_flag[v] = 0
+                            pf_wasted += 1
+                            pf_wasted_bytes += obj_bytes[v]
+                if ok:
+                    status[o] = IN_FLIGHT
+                    used += 1
+                    _push_front(prv, nxt, s, o)
+                    arrive[o] = INF
+                    need_by[o] = tgt
+                    pf_flag[o] = 1
+                    pf_issued += 1
+                    pf_bytes += obj_bytes[o]
+                    npend = K._enqueue(pend, pend_t, npend, o, 1, seq, now)
+                    seq += 1
+                else:
+                    pf_dropped += 1
+            elif tgt < need_by[o]:
+                need_by[o] = tgt
+        # compute the experts in the order they become ready (a stable insertion sort)
+        for k in range(m):
+            j = k
+            while j > 0 and m_ready[m_order[j - 1]] > m_ready[k]:
+                m_order[j] = m_order[j - 1]
+                j -= 1
+            m_order[j] = k
+        for idx in range(m):
+            k = m_order[idx]
+            start = max(cur, m_ready[k])
+            if start > cur:
+                f_stall += start - cur
+                stall_layer[lay] += start - cur
+                if m_late[k] != 0:
+                    f_late += start - cur
+            dur = e_expert + e_tok * count[a0 + k]
+            cur = start + dur
+            f_compute += dur
+            pin[obj[a0 + k]] = b + 3
+    if n_groups > 0:
+        K._close_step(cur - step_start, step_tokens, step_decode, cnt, fl)
+    for o in range(n_obj):  # prefetched experts never used by the end count as wasted
+        if pf_flag[o] != 0:
+            pf_flag[o] = 0
+            pf_wasted += 1
+            pf_wasted_bytes += obj_bytes[o]
+    for o in range(n_obj):
+        hits += hits_obj[o]
+    cnt[K.C_HITS] += hits
+    cnt[K.C_MISSES] += misses
+    cnt[K.C_INFLIGHT_HITS] += inflight_hits
+    cnt[K.C_EVICTIONS] += evictions
+    cnt[K.C_FORCED] += forced
+    cnt[K.C_PF_USED] += pf_used
+    cnt[K.C_PF_LATE] += pf_late
+    cnt[K.C_PF_WASTED] += pf_wasted
+    cnt[K.C_PF_WASTED_BYTES] += pf_wasted_bytes
+    cnt[K.C_PF_CANCELLED] += pf_cancelled
+    cnt[K.C_PF_ISSUED] += pf_issued
+    cnt[K.C_PF_BYTES] += pf_bytes
+    cnt[K.C_PF_DROPPED] += pf_dropped
+    fl[K.F_STALL] += f_stall
+    fl[K.F_LATE_STALL] += f_late
+    fl[K.F_DENSE] += f_dense
+    fl[K.F_TOTAL] = cur
+    fl[K.F_COMPUTE] += f_compute
+    fl[K.F_COMPUTE] += fl[K.F_DENSE]
+    return True
