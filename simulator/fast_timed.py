@@ -68,18 +68,45 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     nxt = np.full(n_obj + 1, n_obj, np.int32)
     pin = np.full(n_obj, -1, np.int64)
     hits_obj = np.zeros(n_obj, np.int64)
-    eng, arrive, need_by, pf_flag, pend, pend_t, m_ready, _, m_late, m_order, xfer = scratch
-    no_f = np.zeros(0, np.float64)
+    eng, arrive, need_by, pf_flag, _, _, m_ready, _, m_late, m_order, xfer = scratch
+    q_obj = np.empty(n_obj + 1, np.int64)  # queued prefetches, oldest first
+    q_t = np.empty(n_obj + 1, np.float64)
+    r_obj = np.empty(n_obj + 1, np.int64)  # queued prefetches a group turned into demand
+    r_t = np.empty(n_obj + 1, np.float64)
+    qstate = np.zeros(n_obj, np.int8)  # 1 queued prefetch, 2 turned into demand
     ok = _replay(acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
                  acc.group_decode, acc.obj, acc.count, atomic, LIST_POLICIES[spec.pid], pf_off,
                  pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
                  nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
-                 arrive, need_by, pf_flag, pend, pend_t, m_ready, m_late, m_order, xfer,
-                 np.empty(n_obj, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64),
-                 np.zeros(0, np.int32), no_f, no_f)  # fmt: skip
+                 arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t, qstate,
+                 m_ready, m_late, m_order, xfer,
+                 np.empty(n_obj, np.int64))  # fmt: skip
     if ok:
         np.add.at(hits_layer, acc.obj_layer, hits_obj)
     return ok
+
+
+@njit(inline="always", **HOT)
+def _first_free(eng, n_eng):
+    """The copy engine free first (the lowest index among ties)."""
+    e = 0
+    f = eng[0]
+    for i in range(1, n_eng):
+        if eng[i] < f:
+            f = eng[i]
+            e = i
+    return e
+
+
+@njit(inline="always", **HOT)
+def _start(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl):
+    """The transfer of ``o`` starts on engine ``e`` at ``start`` (as the general kernel's
+    :func:`simulator.kernels._advance` starts one)."""
+    dur = xfer[o]
+    eng[e] = start + dur
+    arrive[o] = start + dur
+    fl[K.F_LINK_BUSY] += dur
+    cnt[K.C_BYTES] += obj_bytes[o]
 
 
 @njit(inline="always", **HOT)
@@ -112,8 +139,9 @@ def _victim(status, prv, pin, need_by, arrive, s, pin_lo, pin_hi, need_limit, g,
 @njit(**HOT)
 def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hit, pf_off, pf_obj,
             pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv, nxt, pin, used,
-            cap, hits_obj, eng, arrive, need_by, pf_flag, pend, pend_t, m_ready, m_late, m_order,
-            xfer, d_obj, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1):  # fmt: skip
+            cap, hits_obj, eng, arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t,
+            qstate, m_ready, m_late, m_order,
+            xfer, d_obj):  # fmt: skip
     """The loop of :func:`simulator.kernels.replay_timed` for a list policy on one pool of
     unit-size experts (``used``/``cap``: the pool's use, pinned experts included, and
     capacity; ``prv``/``nxt``: the list, sentinel at index O, most recent after it). Hits are
@@ -125,8 +153,9 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
         xfer[o] = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
         if status[o] == PINNED:
             arrive[o] = 0.0
-    npend = 0
-    seq = 0
+    qh = 0  # the queue: q_*[qh:qt]
+    qt = 0
+    n_rec = 0  # r_*[:n_rec]
     cur = 0.0
     step_start = 0.0
     step_tokens = 0
@@ -169,9 +198,17 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
         f_dense += dense
         cur += dense
         now = cur
-        if npend > 0:
-            npend = K._advance(now, False, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer,
-                               cnt, fl, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        # queued prefetches that an engine could start by now (oldest first)
+        while qh < qt:
+            e = _first_free(eng, n_eng)
+            f = eng[e]
+            if f > now:
+                break
+            o = q_obj[qh]
+            start = max(f, q_t[qh])
+            _start(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
+            qstate[o] = 0
+            qh += 1
         if atomic:
             for a in range(a0, a1):
                 pin[obj[a]] = b + 1
@@ -202,10 +239,8 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                     pf_used += 1
                     pf_late += 1
                     m_late[k] = 1
-                if arrive[o] == INF:  # still queued: it is now a demand fetch
-                    for i in range(npend):
-                        if pend[i, 0] == o:
-                            pend[i, 1] = 0
+                if qstate[o] == 1:  # still queued: it is now a demand fetch
+                    qstate[o] = 2
             else:
                 misses += 1
                 m_ready[k] = -1.0
@@ -237,20 +272,21 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 arrive[o] = INF
                 d_obj[n_dem] = o  # started at the flush, after the queued demand fetches
                 n_dem += 1
-                seq += 1
             if need_by[o] <= g:
                 need_by[o] = BIG
             pin[o] = b + 2
-        # queued prefetches aimed at this group or earlier that it did not need: drop them
-        i = 0
-        while i < npend:
-            o = pend[i, 0]
-            if pend[i, 1] == 1 and need_by[o] <= g:
-                npend -= 1
-                pend[i, 0] = pend[npend, 0]
-                pend[i, 1] = pend[npend, 1]
-                pend[i, 2] = pend[npend, 2]
-                pend_t[i] = pend_t[npend]
+        # queued prefetches aimed at this group or earlier that it did not need: drop them;
+        # those it needs (now demand fetches) move to r_* (the queue stays oldest first)
+        w = 0
+        for i in range(qh, qt):
+            o = q_obj[i]
+            if qstate[o] == 2:
+                r_obj[n_rec] = o
+                r_t[n_rec] = q_t[i]
+                n_rec += 1
+                qstate[o] = 0
+            elif need_by[o] <= g:
+                qstate[o] = 0
                 _unlink(prv, nxt, o)
                 status[o] = ABSENT
                 used -= 1
@@ -259,26 +295,20 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 pf_flag[o] = 0
                 pf_cancelled += 1
             else:
-                i += 1
-        if npend > 0:
-            npend = K._advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer,
-                               cnt, fl, ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
-        # this group's misses: demand fetches issued now, in access order, each on the copy
-        # engine free first (what the general kernel's queue does with them)
+                q_obj[w] = o
+                q_t[w] = q_t[i]
+                w += 1
+        qh = 0
+        qt = w
+        # demand fetches start, oldest first: the queued prefetches this group needs, then its
+        # misses in access order (all issued later), each on the copy engine free first
+        for x in range(n_rec):
+            e = _first_free(eng, n_eng)
+            _start(r_obj[x], e, max(eng[e], r_t[x]), eng, arrive, xfer, obj_bytes, cnt, fl)
+        n_rec = 0
         for x in range(n_dem):
-            o = d_obj[x]
-            e = 0
-            f = eng[0]
-            for i in range(1, n_eng):
-                if eng[i] < f:
-                    f = eng[i]
-                    e = i
-            start = max(f, now)
-            dur = xfer[o]
-            eng[e] = start + dur
-            arrive[o] = start + dur
-            fl[K.F_LINK_BUSY] += dur
-            cnt[K.C_BYTES] += obj_bytes[o]
+            e = _first_free(eng, n_eng)
+            _start(d_obj[x], e, max(eng[e], now), eng, arrive, xfer, obj_bytes, cnt, fl)
         n_dem = 0
         for k in range(m):
             if m_ready[k] < 0.0:
@@ -311,8 +341,10 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                     pf_flag[o] = 1
                     pf_issued += 1
                     pf_bytes += obj_bytes[o]
-                    npend = K._enqueue(pend, pend_t, npend, o, 1, seq, now)
-                    seq += 1
+                    q_obj[qt] = o
+                    q_t[qt] = now
+                    qstate[o] = 1
+                    qt += 1
                 else:
                     pf_dropped += 1
             elif tgt < need_by[o]:
