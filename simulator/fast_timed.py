@@ -68,7 +68,7 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     nxt = np.full(n_obj + 1, n_obj, np.int32)
     pin = np.full(n_obj, -1, np.int64)
     hits_obj = np.zeros(n_obj, np.int64)
-    eng, arrive, need_by, pf_flag, _, _, m_ready, _, m_late, m_order, xfer = scratch
+    eng, arrive, need_by, pf_flag, _, _, m_ready, _, m_late, m_order, xfer, d_obj = scratch
     q_obj = np.empty(n_obj + 1, np.int64)  # queued prefetches, oldest first
     q_t = np.empty(n_obj + 1, np.float64)
     r_obj = np.empty(n_obj + 1, np.int64)  # queued prefetches a group turned into demand
@@ -79,8 +79,7 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
                  pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
                  nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
                  arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t, qstate,
-                 m_ready, m_late, m_order, xfer,
-                 np.empty(n_obj, np.int64))  # fmt: skip
+                 m_ready, m_late, m_order, xfer, d_obj)  # fmt: skip
     if ok:
         np.add.at(hits_layer, acc.obj_layer, hits_obj)
     return ok

@@ -109,6 +109,7 @@ def timed_scratch(n_obj: int, n_engines: int):
         np.zeros(n_obj, np.int8),  # m_late: 1 if waiting on a late prefetch
         np.zeros(n_obj, np.int64),  # m_order: members in the order they compute
         np.zeros(n_obj, np.float64),  # xfer: transfer seconds of each expert
+        np.zeros(n_obj, np.int64),  # d_obj: the group's demand misses, in access order
     )
 
 
@@ -530,6 +531,7 @@ def replay_timed(
     m_late,
     m_order,
     xfer,
+    d_obj,
 ):
     """Timed replay: a compute stream, a link of ``hw[H_ENGINES]`` copy engines, the cache.
 
@@ -538,7 +540,7 @@ def replay_timed(
     the order they become ready; the compute stream stalls while the next expert is in flight.
     At ``t_gate`` the prefetch lists issued by this group (``pf_off``/``pf_obj`` with target
     groups ``pf_tgt``) are queued behind demand fetches.
-    The last eleven arguments are scratch arrays from :func:`timed_scratch`.
+    The last twelve arguments are scratch arrays from :func:`timed_scratch`.
     """
     n_groups = g_layer.shape[0]
     n_obj = status.shape[0]
@@ -548,6 +550,9 @@ def replay_timed(
         xfer[o] = hw[H_LATENCY] + obj_bytes[o] / hw[H_BW]
     npend = 0
     seq = 0
+    logging = ev_kind.shape[0] > 0
+    n_eng = eng.shape[0]
+    n_dem = 0
     # m_state: 0 waiting, 1 deferred (no slot yet), 2 computed, 3 issued (read its arrival)
     for o in range(n_obj):
         if status[o] == RESIDENT or status[o] == PINNED:
@@ -571,7 +576,8 @@ def replay_timed(
             step_decode = g_pre[g] == 0
         # dense part of the layer, then the gate's decision is known
         dense = hw[H_DENSE] + hw[H_DENSE_TOK] * ntok
-        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DENSE, g, -1, cur, cur + dense)
+        if logging:
+            _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DENSE, g, -1, cur, cur + dense)
         fl[F_DENSE] += dense
         cur += dense
         now = cur
@@ -647,7 +653,8 @@ def replay_timed(
                         admit(status, oi, of, links, heap, nodes, parts, ip, fp, o, IN_FLIGHT)
                 if ok:
                     arrive[o] = INF
-                    npend = _enqueue(pend, pend_t, npend, o, 0, seq, now)
+                    d_obj[n_dem] = o  # started at the flush, after the queued demand fetches
+                    n_dem += 1
                     seq += 1
                 else:
                     m_state[k] = 1
@@ -677,6 +684,25 @@ def replay_timed(
                 i += 1
         npend = _advance(now, True, g, pend, pend_t, npend, eng, arrive, obj_bytes, xfer, cnt, fl,
                          ev_kind, ev_grp, ev_obj, ev_t0, ev_t1)  # fmt: skip
+        # this group's misses, issued after every queued demand fetch: each starts on the copy
+        # engine free first, in access order (what the queue would do, without scanning it)
+        for x in range(n_dem):
+            o = d_obj[x]
+            e = 0
+            for i in range(1, n_eng):
+                if eng[i] < eng[e]:
+                    e = i
+            start = max(eng[e], now)
+            dur = xfer[o]
+            eng[e] = start + dur
+            arrive[o] = start + dur
+            fl[F_LINK_BUSY] += dur
+            cnt[C_BYTES] += obj_bytes[o]
+            if logging:
+                _log(
+                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DEMAND, g, o, start, start + dur
+                )
+        n_dem = 0
         for k in range(m):
             if m_ready[k] < 0.0 and m_state[k] == 0:
                 m_ready[k] = arrive[obj[a0 + k]]
@@ -757,10 +783,13 @@ def replay_timed(
                     stall_layer[lay] += start - cur
                     if m_late[k] != 0:
                         fl[F_LATE_STALL] += start - cur
-                    _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, o, cur, start)
+                    if logging:
+                        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_STALL, g, o, cur,
+                             start)  # fmt: skip
                 dur = hw[H_EXPERT] + hw[H_EXPERT_TOK] * count[a0 + k]
-                _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_COMPUTE, g, o, start,
-                     start + dur)  # fmt: skip
+                if logging:
+                    _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_COMPUTE, g, o, start,
+                         start + dur)  # fmt: skip
                 cur = start + dur
                 fl[F_COMPUTE] += dur
                 m_state[k] = 2
