@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from simulator.history_predictors import dense_seq
+from traces._jit import HOT
 from traces.trace import Trace
 
 EPS = 1e-8
@@ -231,6 +232,9 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     w_seg = np.empty((seg_cap, L), np.float64)
     bv = np.empty((max_chunks, seg_cap, L), np.float64)
     bk = np.empty((max_chunks, seg_cap, L), np.int64)
+    b_suffix = np.empty((max_chunks, C + 16), np.float64)  # per block scratch (see _block)
+    b_ucnt = np.zeros((max_chunks, e_max), np.float32)
+    b_ulist = np.empty((max_chunks, e_max), np.int64)
     # output
     cap_out = max(16, n_groups * horizon * top_n)
     out_obj = np.empty(cap_out, np.int32)
@@ -330,12 +334,13 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
             if n_chunks > 1 and (n_acc + n_rec * L) * n_entries >= par_min:
                 _blocks_parallel(n_chunks, bsize, n_entries, x0, x1, run_lo, row_group,
                                  g_layer, offsets, experts, seg_slot, seg_rec, seg_zero,
-                                 w_seg, dots, ecol, inv_e, bv, bk, L, e_max)  # fmt: skip
+                                 w_seg, dots, ecol, inv_e, bv, bk, L, e_max, b_suffix, b_ucnt,
+                                 b_ulist)  # fmt: skip
             else:
                 for c in range(n_chunks):
                     _block(c, bsize, n_entries, x0, x1, run_lo, row_group, g_layer, offsets,
                            experts, seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e,
-                           bv, bk, L, e_max)  # fmt: skip
+                           bv, bk, L, e_max, b_suffix, b_ucnt, b_ulist)  # fmt: skip
         else:
             n_chunks = 0
         # (3) per group: merge the records' best matches; prefetch candidates
@@ -469,32 +474,35 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
             n_snap)  # fmt: skip
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, _nrt=False)
 def _blocks_parallel(n_chunks, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets,
                      experts, seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk,
-                     n_layers, e_max):  # fmt: skip
+                     n_layers, e_max, b_suffix, b_ucnt, b_ulist):  # fmt: skip
     """:func:`_block` for every block, the blocks spread over the cores (they write disjoint
     entries of ``dots`` and disjoint rows of ``bv``/``bk``)."""
     for c in prange(n_chunks):
         _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, experts,
                seg_slot, seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk, n_layers,
-               e_max)  # fmt: skip
+               e_max, b_suffix, b_ucnt, b_ulist)  # fmt: skip
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, experts, seg_slot,
-           seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk, n_layers, e_max):  # fmt: skip
+           seg_rec, seg_zero, w_seg, dots, ecol, inv_e, bv, bk, n_layers, e_max, b_suffix,
+           b_ucnt, b_ulist):  # fmt: skip
     """Entries ``c * size`` .. of the collection through the runs ``x0 .. x1`` of a segment:
     a record's best match per layer among these entries (``bv``/``bk`` row ``c``: the
     highest summed cosine over the later layers, > 0, and its first entry; else -1), then the
-    run's accesses move the dot products."""
+    run's accesses move the dot products. ``b_*``: scratch rows per block (the suffix sums;
+    a run's experts with counts, ``b_ucnt`` zero on entry and exit). No allocation, no
+    reference counting (the views here are free)."""
     k0 = c * size
     k1 = min(n_entries, k0 + size)
     n = k1 - k0
     L = n_layers
-    suffix = np.empty(n, np.float64)
-    u_cnt = np.zeros(e_max, np.float32)  # a run's experts with counts
-    u_list = np.empty(e_max, np.int64)
+    suffix = b_suffix[c]
+    u_cnt = b_ucnt[c]
+    u_list = b_ulist[c]
     for x in range(x0, x1):
         i = seg_slot[x - x0]
         if seg_zero[x - x0]:
@@ -531,7 +539,7 @@ def _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, expe
             u_cnt[u_list[t]] = 0.0
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
     """dots[i, lay, k0:k1] += sum over the listed experts of count x ecol[lay, e, k0:k1], fused
     (the common one-token case: one read of each expert's row, one write of the dot row).
@@ -557,7 +565,7 @@ def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
             d[k] += c * r[k]
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base, top_n):
     """Entry ``k`` of the collection := ``mat``: its columns, row norms and top experts."""
     for lay in range(n_layers):
@@ -573,7 +581,7 @@ def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base
             top_v[k, lay, t] = mat[lay, top_e[k, lay, t]]
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _first_equal(x, n, v):
     """The first ``k < n`` with ``x[k] == v`` (-1 if none), eight values per test (the eight
     comparisons of a test compile into one vector compare)."""
@@ -592,7 +600,7 @@ def _first_equal(x, n, v):
     return -1
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, _nrt=False)
 def _max_of(x, n):
     """max(0, x[:n]). Eight running maxima, so that the loop compiles into vector maxima
     (a single running maximum measured 3x slower); a maximum is exact in any order (the values
@@ -616,7 +624,7 @@ def _max_of(x, n):
     return m
 
 
-@njit(cache=True)
+@njit(**HOT)
 def _top_counts(row, n_e, top_n, top_e):
     """The ``top_n`` experts among ``row[:n_e]`` with the highest counts (> 0), highest first,
     ties in expert order; their number."""
