@@ -6,9 +6,15 @@ protection stamp kept in that row, the event log's checks. For LRU and FIFO on o
 unit-size experts (global scope with a slot budget, the common configuration) the cache is an
 intrusive doubly linked list in two int32 arrays and a status byte per expert, and the loop
 below does nothing else: the same discrete-event model, step for step and addition for
-addition (the link's queue and its copy engines are the general kernel's own functions), so
-every counter and every float of the result record is identical
+addition, so every counter and every float of the result record is identical
 (tests/test_fast_timed.py compares the records field by field, prefetching included).
+
+The link's queue is simpler here too. The general kernel keeps one unordered queue and picks
+the next transfer by (demand first, then issue order) with a scan. Here a group's misses start
+at its flush in access order; the queued prefetches sit in a first-in-first-out array (they are
+issued in order). Those a group turns into demand fetches start first at its flush, oldest
+first, and those aimed at a group that has passed are dropped while the array is compacted.
+That is the order the general queue yields.
 
 It gives up, and :func:`simulator.engine.run` replays with the general kernel instead, where a
 demand miss finds no expert it may evict (the general kernel then defers the fetch until a
