@@ -14,9 +14,9 @@ side in one process:
   which includes reading each 24-byte record from the memory-mapped file, the hash-table
   lookup and the policy's update and eviction; not cache creation or opening the reader.
 - moesim timed mode (no prefetch, and the oracle prefetcher) against count mode, atomic
-  (against the fast path and the general count kernel for LRU and FIFO; LRU and FIFO timed
-  run on the timed fast path, simulator/fast_timed.py, and are also measured on the general
-  timed kernel, and both records must be equal).
+  (against the fast path and the general count kernel for LRU and FIFO; LRU, FIFO and LFU
+  timed run on the timed fast path, simulator/fast_timed.py, and are also measured on the
+  general timed kernel, and both records must be equal).
 
 Sequential moesim must give exactly libCacheSim's miss count; the table says so per policy.
 Ratios are against libCacheSim measured in the same run, never absolute targets.
@@ -36,6 +36,7 @@ from _common import count_config, default_trace, git_head, log, machine, peak_rs
 POLICIES = ["lru", "fifo", "lfu", "belady"]
 LCS_CLASS = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
 FAST = {"lru", "fifo"}  # served by the count fast path (simulator/fast_count.py)
+FAST_TIMED = {"lru", "fifo", "lfu"}  # served by the timed fast path (simulator/fast_timed.py)
 
 
 def best_of(repeat: int, fn):
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
 
                 timed[policy, pf] = best_of(args.repeat, one)
                 log(f"moesim timed {policy} prefetch={pf}: {timed[policy, pf][0]:.2f} s")
-                if policy in FAST:  # the timed fast path against the general timed kernel
+                if policy in FAST_TIMED:  # the timed fast path against the general timed kernel
                     fast_timed.ENABLED = False
                     try:
                         timed_gen[policy, pf] = best_of(args.repeat, one)
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
         print("timed mode vs count mode (atomic): accesses/s in millions of kernel_s, and")
         print("timed throughput as a fraction of count mode's; the oracle prefetcher's lists")
         print("are built in run() outside the kernel: its whole run() wall time is shown too")
-        print("(LRU, FIFO: count and timed = the fast paths; 'general' = the general kernels)")
+        print("(LRU, FIFO: count = the fast path; LRU, FIFO, LFU: timed = the fast path;")
+        print(" 'general' = the general count kernel, 'gen t+or' the general timed kernel)")
         print(f"{'policy':8} {'count':>8} {'general':>8} {'timed':>8} {'t+oracle':>8} "
               f"{'gen t+or':>8} {'timed/cnt':>9} {'orcl/cnt':>9} {'orcl/gen':>9} "
               f"{'oracle run() wall s':>20}")  # fmt: skip
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
             kc = moe[policy, "atomic"][0]
             kg = gen[policy, "atomic"][0] if policy in FAST else kc
             kt, ko = timed[policy, "none"][0], timed[policy, "oracle"][0]
-            kog = timed_gen[policy, "oracle"][0] if policy in FAST else ko
+            kog = timed_gen[policy, "oracle"][0] if policy in FAST_TIMED else ko
             print(f"{policy:8} {rate(n, kc)} {rate(n, kg)} {rate(n, kt)} {rate(n, ko)} "
                   f"{rate(n, kog)} {kc / kt:9.2f} {kc / ko:9.2f} {kg / ko:9.2f} "
                   f"{timed[policy, 'oracle'][1]['wall_s']:20.2f}")  # fmt: skip

@@ -32,11 +32,16 @@ import os
 import numpy as np
 from numba import njit
 
+from policies import lfu
 from policies.spec import PolicySpec
 from policies.state import ABSENT, IN_FLIGHT, OI_SIZE, P_CAP, P_USED, PINNED, RESIDENT, CacheState
 from simulator import kernels as K
 from simulator.fast_count import LIST_POLICIES, _push_front, _unlink
 from traces._jit import HOT
+
+#: Policies kept in count buckets here (in-cache LFU, first in first out among equal counts),
+#: exactly as :mod:`policies.structures` keeps them.
+BUCKET_POLICIES = {lfu.PID}
 
 #: False forces the general kernel (also: MOESIM_FAST_TIMED=0 in the environment).
 ENABLED = os.environ.get("MOESIM_FAST_TIMED", "1") != "0"
@@ -48,14 +53,15 @@ H_EXPERT, H_EXPERT_TOK = K.H_EXPERT, K.H_EXPERT_TOK
 
 
 def applies(spec: PolicySpec, st: CacheState, n_events: int) -> bool:
-    """Whether :func:`replay` may serve this timed run: an LRU/FIFO-like list policy without a
+    """Whether :func:`replay` may serve this timed run: LRU, FIFO or in-cache LFU without a
     ``prepare`` hook, one partition of unit-size experts with room for one, nothing admitted
     yet (pinned experts are fine), no event log."""
     return (
         ENABLED
         and n_events == 0
-        and spec.pid in LIST_POLICIES
+        and (spec.pid in LIST_POLICIES or spec.pid in BUCKET_POLICIES)
         and spec.prepare is None
+        and spec.attach is None
         and st.parts.shape[0] == 1
         and bool(np.all(st.oi[:, OI_SIZE] == 1))
         and int(st.parts[0, P_CAP]) >= 1
@@ -72,6 +78,14 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     status = np.where(st.status == PINNED, PINNED, ABSENT).astype(np.int8)
     prv = np.full(n_obj + 1, n_obj, np.int32)
     nxt = np.full(n_obj + 1, n_obj, np.int32)
+    kind = 1 if spec.pid in BUCKET_POLICIES else 0
+    ol = np.full((n_obj, 3), -1, np.int64)  # buckets: per expert prev, next, node
+    nd = np.full((n_obj + 2, 5), -1, np.int64)  # per node count, head, tail, next, prev
+    sent = n_obj + 1  # the sentinel node (count -1); its head field holds the free list
+    nd[:sent, 3] = np.arange(1, sent + 1)
+    nd[sent, 1] = 0
+    nd[sent, 3] = sent
+    nd[sent, 4] = sent
     pin = np.full(n_obj, -1, np.int64)
     hits_obj = np.zeros(n_obj, np.int64)
     eng, arrive, need_by, pf_flag, _, _, m_ready, _, m_late, m_order, xfer, d_obj = scratch
@@ -81,7 +95,8 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     r_t = np.empty(n_obj + 1, np.float64)
     qstate = np.zeros(n_obj, np.int8)  # 1 queued prefetch, 2 turned into demand
     ok = _replay(acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
-                 acc.group_decode, acc.obj, acc.count, atomic, LIST_POLICIES[spec.pid], pf_off,
+                 acc.group_decode, acc.obj, acc.count, atomic, LIST_POLICIES.get(spec.pid, False),
+                 kind, ol, nd, sent, pf_off,
                  pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
                  nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
                  arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t, qstate,
@@ -131,19 +146,123 @@ def _evictable(status, pin, need_by, arrive, o, pin_lo, pin_hi, need_limit, g, n
 
 
 @njit(inline="always", **HOT)
-def _victim(status, prv, pin, need_by, arrive, s, pin_lo, pin_hi, need_limit, g, now):
-    """The first evictable expert from the list's eviction end, or -1."""
-    c = prv[s]
-    while c != s:
-        if _evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
-            return c
-        c = prv[c]
+def _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s, pin_lo, pin_hi, need_limit,
+            g, now):  # fmt: skip
+    """The first evictable expert in eviction order, or -1: from the list's eviction end, or
+    from the lowest count's oldest expert up (as :func:`policies.dispatch.victim`)."""
+    if kind == 0:
+        c = prv[s]
+        while c != s:
+            if _evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
+                return c
+            c = prv[c]
+        return -1
+    n = nd[sent, 3]
+    while n != sent:
+        c = nd[n, 1]
+        while c >= 0:
+            if _evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
+                return c
+            c = ol[c, 1]
+        n = nd[n, 3]
     return -1
 
 
+@njit(inline="always", **HOT)
+def _node_new(nd, sent, count, after):
+    """A node from the free list for ``count``, linked right after node ``after``."""
+    n = nd[sent, 1]
+    nd[sent, 1] = nd[n, 3]
+    nd[n, 0] = count
+    nd[n, 1] = -1
+    nd[n, 2] = -1
+    nx = nd[after, 3]
+    nd[n, 4] = after
+    nd[n, 3] = nx
+    nd[nx, 4] = n
+    nd[after, 3] = n
+    return n
+
+
+@njit(inline="always", **HOT)
+def _b_append(ol, nd, n, o):
+    """``o`` joins node ``n``'s bucket as its newest."""
+    t = nd[n, 2]
+    ol[o, 0] = t
+    ol[o, 1] = -1
+    if t >= 0:
+        ol[t, 1] = o
+    else:
+        nd[n, 1] = o
+    nd[n, 2] = o
+    ol[o, 2] = n
+
+
+@njit(inline="always", **HOT)
+def _b_unlink(ol, nd, sent, o):
+    """``o`` leaves its bucket; an emptied node goes back to the free list."""
+    n = ol[o, 2]
+    pr = ol[o, 0]
+    nx = ol[o, 1]
+    if pr >= 0:
+        ol[pr, 1] = nx
+    else:
+        nd[n, 1] = nx
+    if nx >= 0:
+        ol[nx, 0] = pr
+    else:
+        nd[n, 2] = pr
+    if nd[n, 1] < 0:
+        p = nd[n, 4]
+        q = nd[n, 3]
+        nd[p, 3] = q
+        nd[q, 4] = p
+        nd[n, 3] = nd[sent, 1]
+        nd[sent, 1] = n
+
+
+@njit(inline="always", **HOT)
+def _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o):
+    """A use of the cached ``o``: to the list's recent end (LRU), or one count up, newest
+    there (LFU)."""
+    if kind == 0:
+        if move_on_hit and nxt[s] != o:
+            _unlink(prv, nxt, o)
+            _push_front(prv, nxt, s, o)
+        return
+    n = ol[o, 2]
+    m = nd[n, 3]
+    if nd[m, 0] != nd[n, 0] + 1:
+        m = _node_new(nd, sent, nd[n, 0] + 1, n)
+    _b_unlink(ol, nd, sent, o)
+    _b_append(ol, nd, m, o)
+
+
+@njit(inline="always", **HOT)
+def _admit(kind, s, prv, nxt, ol, nd, sent, o):
+    """``o`` enters: the list's recent end, or count 1, newest there."""
+    if kind == 0:
+        _push_front(prv, nxt, s, o)
+        return
+    n = nd[sent, 3]
+    if nd[n, 0] != 1:
+        n = _node_new(nd, sent, 1, sent)
+    _b_append(ol, nd, n, o)
+
+
+@njit(inline="always", **HOT)
+def _remove(kind, prv, nxt, ol, nd, sent, o):
+    """``o`` leaves the cache (an eviction or a cancelled prefetch)."""
+    if kind == 0:
+        _unlink(prv, nxt, o)
+    else:
+        _b_unlink(ol, nd, sent, o)
+
+
 @njit(**HOT)
-def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hit, pf_off, pf_obj,
-            pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv, nxt, pin, used,
+def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hit, kind, ol, nd,
+            sent, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status,
+            prv, nxt, pin, used,
             cap, hits_obj, eng, arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t,
             qstate, m_ready, m_late, m_order,
             xfer, d_obj):  # fmt: skip
@@ -227,17 +346,14 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
             if so == PINNED or so == RESIDENT or (so == IN_FLIGHT and arrive[o] <= now):
                 hits_obj[o] += 1
                 m_ready[k] = now
-                if so != PINNED and move_on_hit and nxt[s] != o:
-                    _unlink(prv, nxt, o)
-                    _push_front(prv, nxt, s, o)
+                if so != PINNED:
+                    _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     pf_used += 1
             elif so == IN_FLIGHT:
                 inflight_hits += 1
-                if move_on_hit and nxt[s] != o:
-                    _unlink(prv, nxt, o)
-                    _push_front(prv, nxt, s, o)
+                _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o)
                 m_ready[k] = -1.0
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
@@ -251,19 +367,19 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 m_ready[k] = -1.0
                 if used >= cap:
                     if atomic:
-                        v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 3, BIG - 1,
-                                    g, now)  # fmt: skip
+                        v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s,
+                                    b + 1, b + 3, BIG - 1, g, now)  # fmt: skip
                         if v < 0:
-                            v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 2,
-                                        BIG - 1, g, now)  # fmt: skip
+                            v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive,
+                                        s, b + 1, b + 2, BIG - 1, g, now)  # fmt: skip
                             if v >= 0:
                                 forced += 1
                     else:
-                        v = _victim(status, prv, pin, need_by, arrive, s, b + 2, b + 2, BIG - 1,
-                                    g, now)  # fmt: skip
+                        v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s,
+                                    b + 2, b + 2, BIG - 1, g, now)  # fmt: skip
                     if v < 0:
                         return False  # the general kernel defers this fetch
-                    _unlink(prv, nxt, v)
+                    _remove(kind, prv, nxt, ol, nd, sent, v)
                     status[v] = ABSENT
                     used -= 1
                     evictions += 1
@@ -273,7 +389,7 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                         pf_wasted_bytes += obj_bytes[v]
                 status[o] = IN_FLIGHT
                 used += 1
-                _push_front(prv, nxt, s, o)
+                _admit(kind, s, prv, nxt, ol, nd, sent, o)
                 arrive[o] = INF
                 d_obj[n_dem] = o  # started at the flush, after the queued demand fetches
                 n_dem += 1
@@ -292,7 +408,7 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 qstate[o] = 0
             elif need_by[o] <= g:
                 qstate[o] = 0
-                _unlink(prv, nxt, o)
+                _remove(kind, prv, nxt, ol, nd, sent, o)
                 status[o] = ABSENT
                 used -= 1
                 arrive[o] = INF
@@ -325,11 +441,27 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
             if status[o] == ABSENT:
                 ok = True
                 if used >= cap:
-                    v = _victim(status, prv, pin, need_by, arrive, s, b + 1, b + 3, tgt, g, now)
+                    v = _victim(
+                        kind,
+                        status,
+                        prv,
+                        ol,
+                        nd,
+                        sent,
+                        pin,
+                        need_by,
+                        arrive,
+                        s,
+                        b + 1,
+                        b + 3,
+                        tgt,
+                        g,
+                        now,
+                    )
                     if v < 0:
                         ok = False
                     else:
-                        _unlink(prv, nxt, v)
+                        _remove(kind, prv, nxt, ol, nd, sent, v)
                         status[v] = ABSENT
                         used -= 1
                         evictions += 1
@@ -340,7 +472,7 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 if ok:
                     status[o] = IN_FLIGHT
                     used += 1
-                    _push_front(prv, nxt, s, o)
+                    _admit(kind, s, prv, nxt, ol, nd, sent, o)
                     arrive[o] = INF
                     need_by[o] = tgt
                     pf_flag[o] = 1

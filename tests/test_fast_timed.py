@@ -1,4 +1,4 @@
-"""The timed-mode fast path for list policies (simulator/fast_timed.py) gives exactly the
+"""The timed-mode fast path for LRU, FIFO and LFU (simulator/fast_timed.py) gives exactly the
 general kernel's result record, every counter and every float: random traces, every cache
 size, atomic and sequential access, one and two copy engines, slow and fast links, no prefetch
 and five prefetchers (queues, cancellations, late and wasted prefetches), pinned experts; where
@@ -17,7 +17,7 @@ from tests.conftest import real_path
 from tests.helpers import random_trace
 from traces.io import read_trace
 
-LIST = ["lru", "fifo"]
+LIST = ["lru", "fifo", "lfu"]
 
 
 def _cfg(slots, access="atomic", prefetch="none", bw=1.0, engines=1, pinned=(), scope="global",
@@ -139,7 +139,8 @@ def test_fast_timed_not_used_where_it_does_not_apply():
     for cfg, policy in [
         (_cfg(6, scope="per-layer"), "lru"),  # partitions
         (_cfg(6, events=10_000), "lru"),  # the event log
-        (_cfg(6), "lfu"),  # not a list policy
+        (_cfg(6), "belady"),  # neither a list nor count buckets
+        (_cfg(6), "lfu-perfect"),
     ]:
         _, _, ok = _both(prep, cfg, policy)
         assert ok is None
