@@ -1,13 +1,15 @@
-"""Timed-mode fast path for the list policies (LRU, FIFO): the same result record, faster.
+"""Timed-mode fast path for LRU, FIFO and in-cache LFU: the same result record, faster.
 
 :func:`simulator.kernels.replay_timed` serves every policy through the general request path:
 the policy hook and structure dispatch on every use, per-object rows of the cache state, a
-protection stamp kept in that row, the event log's checks. For LRU and FIFO on one pool of
-unit-size experts (global scope with a slot budget, the common configuration) the cache is an
-intrusive doubly linked list in two int32 arrays and a status byte per expert, and the loop
-below does nothing else: the same discrete-event model, step for step and addition for
-addition, so every counter and every float of the result record is identical
-(tests/test_fast_timed.py compares the records field by field, prefetching included).
+protection stamp kept in that row, the event log's checks. On one pool of unit-size experts
+(global scope with a slot budget, the common configuration) this loop keeps only what these
+three policies need: for LRU and FIFO an intrusive doubly linked list in two int32 arrays, for
+LFU count buckets (one first-in-first-out list per use count, in count order, as
+:mod:`policies.structures` keeps them), and a status byte per expert. It runs the same
+discrete-event model, step for step and addition for addition, so every counter and every float
+of the result record is identical (tests/test_fast_timed.py compares the records field by
+field, prefetching included).
 
 The link's queue is simpler here too. The general kernel keeps one unordered queue and picks
 the next transfer by (demand first, then issue order) with a scan. Here a group's misses start
@@ -71,7 +73,7 @@ def applies(spec: PolicySpec, st: CacheState, n_events: int) -> bool:
 
 def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, hits_layer,
            acc_layer, stall_layer, scratch) -> bool:  # fmt: skip
-    """Timed replay of a list policy: the arguments of :func:`simulator.kernels.replay_timed`
+    """Timed replay of LRU, FIFO or LFU: the arguments of :func:`simulator.kernels.replay_timed`
     less the policy state (read from ``st``, not changed) and the event log. Adds to the
     counters as the general kernel does and returns True, or returns False (see the module)."""
     n_obj = st.num_objects
