@@ -102,7 +102,7 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
                  pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
                  nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
                  arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t, qstate,
-                 m_ready, m_late, m_order, xfer, d_obj)  # fmt: skip
+                 m_ready, m_late, m_order, xfer, d_obj, np.zeros(3, np.int64))  # fmt: skip
     if ok:
         np.add.at(hits_layer, acc.obj_layer, hits_obj)
     return ok
@@ -253,6 +253,18 @@ def _admit(kind, s, prv, nxt, ol, nd, sent, o):
 
 
 @njit(inline="always", **HOT)
+def _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v):
+    """Evict ``v``; ``tally``: evictions, prefetches wasted, their bytes."""
+    _remove(kind, prv, nxt, ol, nd, sent, v)
+    status[v] = ABSENT
+    tally[0] += 1
+    if pf_flag[v] != 0:
+        pf_flag[v] = 0
+        tally[1] += 1
+        tally[2] += obj_bytes[v]
+
+
+@njit(inline="always", **HOT)
 def _remove(kind, prv, nxt, ol, nd, sent, o):
     """``o`` leaves the cache (an eviction or a cancelled prefetch)."""
     if kind == 0:
@@ -267,7 +279,7 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
             prv, nxt, pin, used,
             cap, hits_obj, eng, arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t,
             qstate, m_ready, m_late, m_order,
-            xfer, d_obj):  # fmt: skip
+            xfer, d_obj, tally):  # fmt: skip
     """The loop of :func:`simulator.kernels.replay_timed` for a list policy on one pool of
     unit-size experts (``used``/``cap``: the pool's use, pinned experts included, and
     capacity; ``prv``/``nxt``: the list, sentinel at index O, most recent after it). Hits are
@@ -293,12 +305,9 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
     hits = 0
     misses = 0
     inflight_hits = 0
-    evictions = 0
     forced = 0
     pf_used = 0
     pf_late = 0
-    pf_wasted = 0
-    pf_wasted_bytes = 0
     pf_cancelled = 0
     pf_issued = 0
     pf_bytes = 0
@@ -381,14 +390,8 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                                     b + 2, b + 2, BIG - 1, g, now)  # fmt: skip
                     if v < 0:
                         return False  # the general kernel defers this fetch
-                    _remove(kind, prv, nxt, ol, nd, sent, v)
-                    status[v] = ABSENT
+                    _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v)
                     used -= 1
-                    evictions += 1
-                    if pf_flag[v] != 0:
-                        pf_flag[v] = 0
-                        pf_wasted += 1
-                        pf_wasted_bytes += obj_bytes[v]
                 status[o] = IN_FLIGHT
                 used += 1
                 _admit(kind, s, prv, nxt, ol, nd, sent, o)
@@ -463,14 +466,8 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                     if v < 0:
                         ok = False
                     else:
-                        _remove(kind, prv, nxt, ol, nd, sent, v)
-                        status[v] = ABSENT
+                        _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v)
                         used -= 1
-                        evictions += 1
-                        if pf_flag[v] != 0:
-                            pf_flag[v] = 0
-                            pf_wasted += 1
-                            pf_wasted_bytes += obj_bytes[v]
                 if ok:
                     status[o] = IN_FLIGHT
                     used += 1
@@ -512,19 +509,19 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
     for o in range(n_obj):  # prefetched experts never used by the end count as wasted
         if pf_flag[o] != 0:
             pf_flag[o] = 0
-            pf_wasted += 1
-            pf_wasted_bytes += obj_bytes[o]
+            tally[1] += 1
+            tally[2] += obj_bytes[o]
     for o in range(n_obj):
         hits += hits_obj[o]
     cnt[K.C_HITS] += hits
     cnt[K.C_MISSES] += misses
     cnt[K.C_INFLIGHT_HITS] += inflight_hits
-    cnt[K.C_EVICTIONS] += evictions
+    cnt[K.C_EVICTIONS] += tally[0]
     cnt[K.C_FORCED] += forced
     cnt[K.C_PF_USED] += pf_used
     cnt[K.C_PF_LATE] += pf_late
-    cnt[K.C_PF_WASTED] += pf_wasted
-    cnt[K.C_PF_WASTED_BYTES] += pf_wasted_bytes
+    cnt[K.C_PF_WASTED] += tally[1]
+    cnt[K.C_PF_WASTED_BYTES] += tally[2]
     cnt[K.C_PF_CANCELLED] += pf_cancelled
     cnt[K.C_PF_ISSUED] += pf_issued
     cnt[K.C_PF_BYTES] += pf_bytes
