@@ -267,27 +267,15 @@ def run(
               np.zeros(n_ev, np.float64), np.zeros(n_ev, np.float64))  # fmt: skip
         scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
         t0 = time.perf_counter()
-        done = fast_timed.applies(spec, st, n_ev) and fast_timed.replay(
-            st,
-            spec,
-            acc,
-            atomic,
-            pf_off,
-            pf_obj,
-            pf_tgt,
-            prep.obj_bytes,
-            hw,
-            cnt,
-            fl,
-            hits_layer,
-            acc_layer,
-            stall_layer,
-            scratch,
-        )  # LRU/FIFO: the list-only loop, same record
-        if not done:  # the general kernel (also where the fast path gave up: start afresh)
+        fast = fast_timed.applies(spec, st, n_ev)  # LRU, FIFO, LFU: the fast loop, same record
+        if fast and not fast_timed.replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt,
+                                          prep.obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
+                                          stall_layer, scratch):  # fmt: skip
+            fast = False  # it gave up (a deferred fetch): the general kernel, afresh
             for a in (cnt, fl, hits_layer, acc_layer, stall_layer):
                 a[:] = 0
             scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
+        if not fast:
             K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step,
                            acc.group_prefill, acc.group_decode, acc.obj, acc.count,
                            prep.next_use, atomic, pf_off, pf_obj, pf_tgt, prep.obj_bytes, hw, cnt,
