@@ -34,6 +34,7 @@ result is the same, number for number, as one pass in trace order (tests/test_pr
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -112,6 +113,10 @@ def build(
     warm = np.ascontiguousarray(warm[-capacity:], np.float32)
     if chunk <= 0:  # ecol of a block (layers x experts x entries, float32) in about 1 MiB
         chunk = max(16, (1 << 20) // (4 * n_layers * e_max) // 16 * 16)
+    if threading.current_thread() is not threading.main_thread():
+        # numba's fallback threading layer (workqueue) aborts when two threads launch parallel
+        # work at once (a Dask worker with several threads, say): run the blocks in this thread
+        par_min = 1 << 62
     res = _match(acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd,
                  trace.offsets, trace.experts, n_seq, n_layers, e_max, acc.layer_base,
                  int(capacity), int(horizon), int(top_n), warm, int(chunk), int(par_min),

@@ -7,6 +7,7 @@ Twins are plain Python over the trace's rows in replay order, written from the d
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 
 import numpy as np
@@ -302,6 +303,12 @@ def test_moe_infinity_blocks_segments_and_cores_change_nothing(case):
             (off, obj, tgt, m.snap, m.off, m.ids), (*ref[0], *astuple(ref[1])), strict=True
         ):
             assert np.array_equal(a, b)
+    # from another thread the blocks run in that thread (see build): same result
+    with ThreadPoolExecutor(1) as pool:
+        (off, obj, tgt), m = pool.submit(
+            moe_infinity.build, tr, acc, 2, 2, 1000, warm, chunk=16, par_min=0
+        ).result()
+    assert _issue_by_group(off, obj, tgt) == issue and np.array_equal(m.ids, ref[1].ids)
     # capacity 3: entries are replaced while blocks and segments are small
     small = moe_infinity.build(tr, acc, 1, 2, 3, warm)
     cut = moe_infinity.build(tr, acc, 1, 2, 3, warm, chunk=16, par_min=0, seg_runs=1)
