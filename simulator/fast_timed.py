@@ -109,29 +109,6 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
 
 
 @njit(inline="always", **HOT)
-def _first_free(eng, n_eng):
-    """The copy engine free first (the lowest index among ties)."""
-    e = 0
-    f = eng[0]
-    for i in range(1, n_eng):
-        if eng[i] < f:
-            f = eng[i]
-            e = i
-    return e
-
-
-@njit(inline="always", **HOT)
-def _start(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl):
-    """The transfer of ``o`` starts on engine ``e`` at ``start`` (as the general kernel's
-    :func:`simulator.kernels._advance` starts one)."""
-    dur = xfer[o]
-    eng[e] = start + dur
-    arrive[o] = start + dur
-    fl[K.F_LINK_BUSY] += dur
-    cnt[K.C_BYTES] += obj_bytes[o]
-
-
-@njit(inline="always", **HOT)
 def _evictable(status, pin, need_by, arrive, o, pin_lo, pin_hi, need_limit, g, now):
     """:func:`policies.dispatch.evictable` on this loop's state (``g``: the current group)."""
     s = status[o]
@@ -314,7 +291,6 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
     pf_dropped = 0
     e_expert = hw[H_EXPERT]
     e_tok = hw[H_EXPERT_TOK]
-    n_eng = eng.shape[0]
     n_dem = 0
     for g in range(n_groups):
         a0 = g_off[g]
@@ -335,13 +311,13 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
         now = cur
         # queued prefetches that an engine could start by now (oldest first)
         while qh < qt:
-            e = _first_free(eng, n_eng)
+            e = K.first_free(eng)
             f = eng[e]
             if f > now:
                 break
             o = q_obj[qh]
             start = max(f, q_t[qh])
-            _start(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
+            K.start_transfer(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
             qstate[o] = 0
             qh += 1
         if atomic:
@@ -429,12 +405,15 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
         # demand fetches start, oldest first: the queued prefetches this group needs, then its
         # misses in access order (all issued later), each on the copy engine free first
         for x in range(n_rec):
-            e = _first_free(eng, n_eng)
-            _start(r_obj[x], e, max(eng[e], r_t[x]), eng, arrive, xfer, obj_bytes, cnt, fl)
+            e = K.first_free(eng)
+            K.start_transfer(
+                r_obj[x], e, max(eng[e], r_t[x]), eng, arrive, xfer, obj_bytes, cnt, fl
+            )
         n_rec = 0
         for x in range(n_dem):
-            e = _first_free(eng, n_eng)
-            _start(d_obj[x], e, max(eng[e], now), eng, arrive, xfer, obj_bytes, cnt, fl)
+            e = K.first_free(eng)
+            start = max(eng[e], now)
+            K.start_transfer(d_obj[x], e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
         n_dem = 0
         for k in range(m):
             if m_ready[k] < 0.0:

@@ -421,6 +421,26 @@ def _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, t0, t1):
 
 
 @njit(inline="always", **HOT)
+def first_free(eng):
+    """The copy engine free first (the lowest index among ties)."""
+    e = 0
+    for i in range(1, eng.shape[0]):
+        if eng[i] < eng[e]:
+            e = i
+    return e
+
+
+@njit(inline="always", **HOT)
+def start_transfer(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl):
+    """The transfer of ``o`` starts on copy engine ``e`` at ``start``."""
+    dur = xfer[o]
+    eng[e] = start + dur
+    arrive[o] = start + dur
+    fl[F_LINK_BUSY] += dur
+    cnt[C_BYTES] += obj_bytes[o]
+
+
+@njit(inline="always", **HOT)
 def _advance(
     t,
     flush_demand,
@@ -448,14 +468,9 @@ def _advance(
     prefetch).
     Returns the new queue length.
     """
-    n_eng = eng.shape[0]
     while npend > 0:
-        e = 0
-        f = eng[0]
-        for i in range(1, n_eng):
-            if eng[i] < f:
-                f = eng[i]
-                e = i
+        e = first_free(eng)
+        f = eng[e]
         bi = 0
         for i in range(1, npend):
             if pend[i, 1] < pend[bi, 1] or (pend[i, 1] == pend[bi, 1] and pend[i, 2] < pend[bi, 2]):
@@ -466,16 +481,10 @@ def _advance(
         elif f > t:
             break
         o = pend[bi, 0]
-        issue = pend_t[bi]
-        start = max(f, issue)
-        dur = xfer[o]
-        end = start + dur
-        eng[e] = end
-        arrive[o] = end
-        fl[F_LINK_BUSY] += dur
-        cnt[C_BYTES] += obj_bytes[o]
+        start = max(f, pend_t[bi])
+        start_transfer(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
         kind = EV_DEMAND if pend[bi, 1] == 0 else EV_PREFETCH
-        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, start, end)
+        _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, kind, g, o, start, arrive[o])
         npend -= 1
         pend[bi, 0] = pend[npend, 0]
         pend[bi, 1] = pend[npend, 1]
@@ -551,7 +560,6 @@ def replay_timed(
     npend = 0
     seq = 0
     logging = ev_kind.shape[0] > 0
-    n_eng = eng.shape[0]
     n_dem = 0
     # m_state: 0 waiting, 1 deferred (no slot yet), 2 computed, 3 issued (read its arrival)
     for o in range(n_obj):
@@ -688,20 +696,12 @@ def replay_timed(
         # engine free first, in access order (what the queue would do, without scanning it)
         for x in range(n_dem):
             o = d_obj[x]
-            e = 0
-            for i in range(1, n_eng):
-                if eng[i] < eng[e]:
-                    e = i
+            e = first_free(eng)
             start = max(eng[e], now)
-            dur = xfer[o]
-            eng[e] = start + dur
-            arrive[o] = start + dur
-            fl[F_LINK_BUSY] += dur
-            cnt[C_BYTES] += obj_bytes[o]
+            start_transfer(o, e, start, eng, arrive, xfer, obj_bytes, cnt, fl)
             if logging:
-                _log(
-                    ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DEMAND, g, o, start, start + dur
-                )
+                _log(ev_kind, ev_grp, ev_obj, ev_t0, ev_t1, cnt, EV_DEMAND, g, o, start,
+                     arrive[o])  # fmt: skip
         n_dem = 0
         for k in range(m):
             if m_ready[k] < 0.0 and m_state[k] == 0:
