@@ -649,3 +649,16 @@ def test_learned_prefetch_reads_token_text_from_the_file(tmp_path):
     with_text = run(prepare(read_trace(path, load_text=True)), cfg, "lru")
     plain.pop("kernel_s"), with_text.pop("kernel_s")
     assert plain == with_text and plain["prefetch_issued"] > 0
+
+
+def test_dense_seq_ranks_ids_as_unique_does():
+    """Both ways of renumbering sequences (a presence table for small ids, a sort otherwise)
+    give np.unique's inverse and count."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    for ids in (rng.integers(0, 50, 300), rng.integers(5, 9, 40), np.array([3]),
+                rng.integers(-5, 5, 100), rng.integers(0, 1 << 40, 200)):  # fmt: skip
+        inv, n = history_predictors.dense_seq(SimpleNamespace(seq=ids))
+        uniq, ref = np.unique(ids, return_inverse=True)
+        assert n == uniq.size and np.array_equal(inv, ref) and inv.dtype == np.int64
