@@ -233,7 +233,12 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     seg_slot = np.empty(seg_cap, np.int64)
     seg_rec = np.empty(seg_cap, np.int64)
     seg_zero = np.empty(seg_cap, np.bool_)
-    max_chunks = max(1, (C + 15) // 16)
+    # the most blocks a segment uses (see (2) below): ceil(C / chunk), rounded up to a multiple
+    # of the threads, and never more than blocks of 16 entries
+    most = (C + chunk - 1) // chunk
+    if n_threads > 1 and most % n_threads:
+        most += n_threads - most % n_threads
+    max_chunks = max(1, min((C + 15) // 16, most))
     w_seg = np.empty((seg_cap, L), np.float64)
     bv = np.empty((max_chunks, seg_cap, L), np.float64)
     bk = np.empty((max_chunks, seg_cap, L), np.int64)
