@@ -7,6 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from traces.capture import loading
 from traces.errors import ConfigError
 
 
@@ -52,18 +53,7 @@ def register(subparsers) -> None:
         help="model folder or cached Hugging Face id (local only); without it only "
         "[link] is measured",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="DEV",
-        help="cuda, cuda:N, cpu or auto (default: cuda where available)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="weight dtype to load the model in (default: the checkpoint's)",
-    )
+    loading.add_device_args(p, "weight dtype to load the model in (default: the checkpoint's)")
     p.add_argument(
         "--expert-bytes",
         type=_pos_int,
@@ -135,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
         render_profile,
     )
     from simulator.config import load_config
-    from traces.capture import loading
     from traces.capture.meta import build_meta
     from traces.capture.routers import find_moe_layers, get_arch
     from traces.io import atomic_path

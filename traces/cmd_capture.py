@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from traces.capture import loading
 from traces.errors import ConfigError, MoesimError
 
 
@@ -82,18 +83,7 @@ def register(subparsers) -> None:
         help="also record the experts the gates of layers l+1..l+H pick from layer "
         "l's hidden state (pred_h1..pred_hH columns; default 0 = none)",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="DEV",
-        help="cuda, cuda:N, cpu or auto (default: cuda where available)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="weight dtype to load (default: the checkpoint's)",
-    )
+    loading.add_device_args(p, "weight dtype to load (default: the checkpoint's)")
     p.add_argument(
         "--chat",
         action="store_true",
@@ -137,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from traces.capture.deps import require
 
     torch, transformers = require()
-    from traces.capture import loading, prompts
+    from traces.capture import prompts
     from traces.capture.meta import build_meta
     from traces.capture.recorder import BatchReport, capture, model_eos, optional_columns
     from traces.capture.routers import find_moe_layers, get_arch

@@ -18,6 +18,22 @@ from traces.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_device_args(parser, dtype_help: str) -> None:
+    """``--device`` and ``--dtype``, as ``moesim capture`` and ``moesim calibrate`` take them."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="cuda, cuda:N, cpu or auto (default: cuda where available)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help=dtype_help,
+    )
+
+
 def resolve_device(name: str):
     """The torch device for ``--device`` (``auto``: cuda where available, else cpu)."""
     torch, _ = require()
