@@ -26,10 +26,13 @@ sequences join the collection at the end of the step in which they finish.
 Everything here depends only on the trace, so it runs once before the replay (and is memoised
 for every run on the same prepared trace), in numba: incremental dot products (one vector update
 over the collection per access) and one suffix pass per sequence and step give every layer's
-match in O(collection x layers) per step. Between two changes of the collection the entries are
-fixed, so that work is done in blocks of entries, each block through a whole segment of the
-trace while its part of the collection stays in cache, the blocks spread over the cores; the
-result is the same, number for number, as one pass in trace order (tests/test_prefetchers.py).
+match in O(collection x layers) per step. The counts and dot products are integers, kept in
+int16/int32 where they fit (:func:`counts_fit_int`; else float32, exact below 2**24); the
+per-layer cosines and their sums over layers are float32, eight to a vector instruction.
+Between two changes of the collection the entries are fixed, so that work is done in blocks of
+entries, each block through a whole segment of the trace while its part of the collection stays
+in cache, the blocks spread over the cores; the result is the same, number for number, as one
+pass in trace order (tests/test_prefetchers.py).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def build(
     chunk: int = 0,
     par_min: int = PAR_MIN,
     seg_runs: int = SEG_RUNS,
+    int_counts: bool | None = None,
 ):
     """Prefetch issue lists (by issuing group: ``off``, ``obj``, ``tgt``) and the matches.
 
@@ -103,7 +107,9 @@ def build(
     ``chunk`` (entries per block of the matching pass; 0: sized so a block of the collection
     fits in a core's L2 cache), ``par_min`` (the work, accesses x entries, from which a
     segment's blocks run on several cores) and ``seg_runs`` (runs per segment) change the
-    speed only, never the result.
+    speed only, never the result. ``int_counts`` (None: :func:`counts_fit_int` decides) keeps
+    the collection's counts in int16 and the dot products in int32 instead of float32; the two
+    agree wherever the float32 dot products are exact (below 2**24).
     """
     seqd, n_seq = dense_seq(trace)
     n_layers = trace.meta.num_layers
@@ -111,8 +117,14 @@ def build(
     if warm is None or warm.shape[0] == 0:
         warm = np.zeros((0, n_layers, e_max), np.float32)
     warm = np.ascontiguousarray(warm[-capacity:], np.float32)
-    if chunk <= 0:  # ecol of a block (layers x experts x entries, float32) in about 1 MiB
-        chunk = max(16, (1 << 20) // (4 * n_layers * e_max) // 16 * 16)
+    if int_counts is None:
+        int_counts = counts_fit_int(trace, seqd, n_seq, warm)
+    # the collection's counts and the dot products: int16 and int32 where they fit (exact,
+    # half the memory traffic of float32), else float32
+    e_proto = np.zeros(0, np.int16 if int_counts else np.float32)
+    d_proto = np.zeros(0, np.int32 if int_counts else np.float32)
+    if chunk <= 0:  # ecol of a block (layers x experts x entries) in about 1 MiB
+        chunk = max(16, (1 << 20) // (e_proto.itemsize * n_layers * e_max) // 16 * 16)
     if threading.current_thread() is not threading.main_thread():
         # numba's fallback threading layer (workqueue) aborts when two threads launch parallel
         # work at once (a Dask worker with several threads, say): run the blocks in this thread
@@ -120,13 +132,30 @@ def build(
     res = _match(acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd,
                  trace.offsets, trace.experts, n_seq, n_layers, e_max, acc.layer_base,
                  int(capacity), int(horizon), int(top_n), warm, int(chunk), int(par_min),
-                 int(numba.get_num_threads()), max(1, int(seg_runs)))  # fmt: skip
+                 int(numba.get_num_threads()), max(1, int(seg_runs)), e_proto, d_proto)  # fmt: skip
     off, obj, tgt, m_off, m_ids, snap_eam, n_snap = res
     snap = snap_eam[:n_snap].reshape(n_snap, n_layers * e_max)
     # by object id: layer_base[l] + e (layers may have fewer experts than e_max)
     cols = np.concatenate([l * e_max + np.arange(n) for l, n in
                            enumerate(trace.meta.experts_per_layer)])  # fmt: skip
     return (off, obj, tgt), Matches(np.ascontiguousarray(snap[:, cols]), m_off, m_ids)
+
+
+def counts_fit_int(trace: Trace, seqd: np.ndarray, n_seq: int, warm: np.ndarray) -> bool:
+    """Whether the matching pass may keep the collection's counts in int16 and the dot
+    products in int32: every count (at most the accesses of one sequence at one layer, or a
+    warm matrix's value) below 2**15, and every dot product (at most the largest row sum times
+    the largest count) below 2**31."""
+    n_layers = trace.meta.num_layers
+    lens = np.diff(trace.offsets)
+    row_sum = np.bincount(seqd * n_layers + trace.layer.astype(np.int64), weights=lens,
+                          minlength=n_seq * n_layers)  # fmt: skip
+    most_sum = float(row_sum.max()) if row_sum.size else 0.0
+    most = most_sum
+    if warm.size:
+        most = max(most, float(warm.max()))
+        most_sum = max(most_sum, float(warm.sum(axis=2).max()))
+    return most < 2**15 and most_sum * most < 2**31
 
 
 @njit(cache=True)
@@ -189,7 +218,7 @@ def _plan(row_group, g_step, seqd, n_seq, n_groups):
 @njit(cache=True)
 def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, e_max,
            layer_base, capacity, horizon, top_n, warm, chunk, par_min, n_threads,
-           seg_runs):  # fmt: skip
+           seg_runs, e_proto, d_proto):  # fmt: skip
     """The matching pass. The trace is cut into segments of at most ``seg_runs`` runs that end
     at the latest where the collection changes (after a step in which sequences finish). Per
     segment: (1) the sequences' matrices move and each record (a sequence's first run in a
@@ -205,7 +234,7 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
         row_group, g_step, seqd, n_seq, n_groups
     )
     # the collection, transposed for the per-access update: ecol[l, e, k]
-    ecol = np.zeros((L, e_max, C), np.float32)
+    ecol = np.zeros((L, e_max, C), e_proto.dtype)
     inv_e = np.zeros((L, C), np.float32)  # 1 / |row l of entry k| (0 for an empty row)
     top_e = np.zeros((C, L, max(1, top_n)), np.int64)  # each entry's top experts per layer
     top_v = np.zeros((C, L, max(1, top_n)), np.float32)
@@ -224,7 +253,7 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     n_free = n_slots
     a_mat = np.zeros((n_slots, L, e_max), np.float32)
     a_sq = np.zeros((n_slots, L), np.float64)
-    dots = np.zeros((n_slots, L, C), np.float32)
+    dots = np.zeros((n_slots, L, C), d_proto.dtype)
     best = np.full((n_slots, L), -1, np.int64)
     seq_of_slot = np.full(n_slots, -1, np.int64)
     step_mark = np.full(n_slots, -1, np.int64)
@@ -239,10 +268,10 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     if n_threads > 1 and most % n_threads:
         most += n_threads - most % n_threads
     max_chunks = max(1, min((C + 15) // 16, most))
-    w_seg = np.empty((seg_cap, L), np.float64)
-    bv = np.empty((max_chunks, seg_cap, L), np.float64)
+    w_seg = np.empty((seg_cap, L), np.float32)
+    bv = np.empty((max_chunks, seg_cap, L), np.float32)
     bk = np.empty((max_chunks, seg_cap, L), np.int64)
-    b_suffix = np.empty((max_chunks, C + 16), np.float64)  # per block scratch (see _block)
+    b_suffix = np.empty((max_chunks, C + 16), np.float32)  # per block scratch (see _block)
     b_ucnt = np.zeros((max_chunks, e_max), np.float32)
     b_ulist = np.empty((max_chunks, e_max), np.int64)
     # output
@@ -295,8 +324,8 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
             seg_slot = np.empty(seg_cap, np.int64)
             seg_rec = np.empty(seg_cap, np.int64)
             seg_zero = np.empty(seg_cap, np.bool_)
-            w_seg = np.empty((seg_cap, L), np.float64)
-            bv = np.empty((max_chunks, seg_cap, L), np.float64)
+            w_seg = np.empty((seg_cap, L), np.float32)
+            bv = np.empty((max_chunks, seg_cap, L), np.float32)
             bk = np.empty((max_chunks, seg_cap, L), np.int64)
         # (1) the sequences' matrices; records and their weights
         n_rec = 0
@@ -511,32 +540,37 @@ def _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, expe
     n = k1 - k0
     L = n_layers
     suffix = b_suffix[c]
+    suffix_bits = suffix.view(np.int32)
     u_cnt = b_ucnt[c]
     u_list = b_ulist[c]
     for x in range(x0, x1):
         i = seg_slot[x - x0]
         if seg_zero[x - x0]:
-            dots[i, :, k0:k1] = 0.0
+            dots[i, :, k0:k1] = 0
         rec = seg_rec[x - x0]
         if rec >= 0:
             for k in range(n):
                 suffix[k] = 0.0
             bv[c, rec, L - 1] = 0.0
             bk[c, rec, L - 1] = -1
+            vb = np.int32(0)
+            kb = -1
             for j in range(L - 1, 0, -1):
                 w = w_seg[rec, j]
-                if w > 0.0:
+                if w > 0.0:  # else the scores, their maximum and its first entry stay
                     dr = dots[i, j, k0:k1]
                     ir = inv_e[j, k0:k1]
                     for k in range(n):
-                        suffix[k] += dr[k] * ir[k] * w
-                vb = _max_of(suffix, n)  # vectorised; then the first entry holding it
-                kb = -1
-                if vb > 0.0:
-                    kb = k0 + _first_equal(suffix, n, vb)
-                bv[c, rec, j - 1] = vb
+                        suffix[k] += np.float32(dr[k]) * ir[k] * w
+                    # the scores are >= 0, so their bits order as int32: an integer maximum
+                    # (vectorised; a float one is not), then the first entry holding it
+                    vb = _max_bits(suffix_bits, n)
+                    kb = k0 + _first_equal(suffix_bits, n, vb) if vb > 0 else -1
+                bv[c, rec, j - 1] = suffix[kb - k0] if kb >= 0 else np.float32(0.0)
                 bk[c, rec, j - 1] = kb
         lay = g_layer[row_group[run_lo[x]]]
+        if lay == 0:
+            continue  # row 0 of the dot products is never matched (only later layers are)
         n_u = 0
         for j in range(offsets[run_lo[x]], offsets[run_lo[x + 1]]):
             e = experts[j]
@@ -549,7 +583,7 @@ def _block(c, size, n_entries, x0, x1, run_lo, row_group, g_layer, offsets, expe
             u_cnt[u_list[t]] = 0.0
 
 
-@njit(**HOT)
+@njit(inline="always", **HOT)
 def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
     """dots[i, lay, k0:k1] += sum over the listed experts of count x ecol[lay, e, k0:k1], fused
     (the common one-token case: one read of each expert's row, one write of the dot row).
@@ -563,6 +597,11 @@ def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
         c0, c1, c2, c3, c4, c5 = u_cnt[e0], u_cnt[e1], u_cnt[e2], u_cnt[e3], u_cnt[e4], u_cnt[e5]
         r0, r1, r2 = ecol[lay, e0, k0:k1], ecol[lay, e1, k0:k1], ecol[lay, e2, k0:k1]
         r3, r4, r5 = ecol[lay, e3, k0:k1], ecol[lay, e4, k0:k1], ecol[lay, e5, k0:k1]
+        if c0 == 1.0 and c1 == 1.0 and c2 == 1.0 and c3 == 1.0 and c4 == 1.0 and c5 == 1.0:
+            # one token (the decode case): 1 x r is r, so the same sums without the products
+            for k in range(n):
+                d[k] += r0[k] + r1[k] + r2[k] + r3[k] + r4[k] + r5[k]
+            return
         for k in range(n):
             d[k] += (c0 * r0[k] + c1 * r1[k] + c2 * r2[k] + c3 * r3[k] + c4 * r4[k]
                      + c5 * r5[k])  # fmt: skip
@@ -591,7 +630,7 @@ def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base
             top_v[k, lay, t] = mat[lay, top_e[k, lay, t]]
 
 
-@njit(**HOT)
+@njit(inline="always", **HOT)
 def _first_equal(x, n, v):
     """The first ``k < n`` with ``x[k] == v`` (-1 if none), eight values per test (the eight
     comparisons of a test compile into one vector compare)."""
@@ -610,27 +649,15 @@ def _first_equal(x, n, v):
     return -1
 
 
-@njit(cache=True, fastmath=True, _nrt=False)
-def _max_of(x, n):
-    """max(0, x[:n]). Eight running maxima, so that the loop compiles into vector maxima
-    (a single running maximum measured 3x slower); a maximum is exact in any order (the values
-    are finite)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    k = 0
-    while k + 8 <= n:
-        a0 = max(a0, x[k])
-        a1 = max(a1, x[k + 1])
-        a2 = max(a2, x[k + 2])
-        a3 = max(a3, x[k + 3])
-        a4 = max(a4, x[k + 4])
-        a5 = max(a5, x[k + 5])
-        a6 = max(a6, x[k + 6])
-        a7 = max(a7, x[k + 7])
-        k += 8
-    m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-    while k < n:
-        m = max(m, x[k])
-        k += 1
+@njit(inline="always", **HOT)
+def _max_bits(x, n):
+    """max(0, x[:n]) of int32 values: the bits of non-negative float32 scores, which order as
+    the floats do. An integer maximum compiles into vector maxima; a float maximum (numba's
+    ``max`` or a select, with or without fastmath) stays scalar."""
+    m = np.int32(0)
+    for k in range(n):
+        v = x[k]
+        m = v if v > m else m
     return m
 
 

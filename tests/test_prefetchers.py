@@ -205,16 +205,17 @@ def _moe_infinity_twin(tr, horizon, top_n, capacity, warm=None):
             best = {}
             for q in seqs:
                 a = eam[q]
-                score = np.zeros(len(coll))
+                score = np.zeros(len(coll), np.float32)  # float32 throughout, as the pass
                 for j in range(n_layers - 1, lay, -1):
                     asq = float((a[j] ** 2).sum())
                     if asq == 0:
                         continue
+                    w = np.float32(1 / np.sqrt(asq))
                     for k, ent in enumerate(coll):
                         sq = float((ent["mat"][j].astype(np.float64) ** 2).sum())
                         inv = np.float32(1 / np.sqrt(sq)) if sq > 0 else np.float32(0)
                         dot = np.float32(a[j] @ ent["mat"][j].astype(np.float64))
-                        score[k] += float(np.float32(dot * inv)) * (1 / np.sqrt(asq))
+                        score[k] = score[k] + np.float32(np.float32(dot * inv) * w)
                 k = -1
                 for c in range(len(coll)):
                     if score[c] > (score[k] if k >= 0 else 0.0):
@@ -314,6 +315,48 @@ def test_moe_infinity_blocks_segments_and_cores_change_nothing(case):
     cut = moe_infinity.build(tr, acc, 1, 2, 3, warm, chunk=16, par_min=0, seg_runs=1)
     assert _issue_by_group(*cut[0]) == _issue_by_group(*small[0])
     assert _csr_lists(cut[1].off, cut[1].ids) == _moe_infinity_twin(tr, 1, 2, 3, warm)[1]
+
+
+@pytest.mark.parametrize("steps", ["native", "per-token"])
+def test_moe_infinity_top6_and_count_types(steps):
+    """Top-6 routing (the unrolled update: one token's six experts, and prefill runs of two
+    tokens whose union is six experts with counts of 2) with the counts in int16/int32 and in
+    float32: both equal the twin."""
+    rng = np.random.default_rng(7)
+    tr = random_trace(rng, layers=3, experts=7, top_k=6, sequences=8, batch=2, prefill=2,
+                      decode=3, steps=steps)  # fmt: skip
+    acc = prepare(tr).acc
+    warm = moe_infinity.eam_of_sequences(random_trace(rng, layers=3, experts=7, top_k=6))
+    issue, match, _ = _moe_infinity_twin(tr, 2, 3, 1000, warm)
+    for int_counts in (True, False):
+        (off, obj, tgt), m = moe_infinity.build(tr, acc, 2, 3, 1000, warm, chunk=16,
+                                                int_counts=int_counts)  # fmt: skip
+        assert _issue_by_group(off, obj, tgt) == issue
+        assert _csr_lists(m.off, m.ids) == match
+    runs = defaultdict(list)  # (step, seq, layer): the run's experts
+    for step, seq, _, layer, ex in _rows(tr):
+        runs[step, seq, layer] += ex
+    union6 = [len(ex) for ex in runs.values() if len(set(ex)) == 6]
+    assert 6 in union6  # one token's six experts
+    if steps == "native":
+        assert 12 in union6  # two prefill tokens on the same six experts: counts of 2
+
+
+def test_moe_infinity_count_types_chosen():
+    """int16/int32 counts only where every count and dot product fits."""
+    rng = np.random.default_rng(3)
+    tr = random_trace(rng, **TRACES[0])
+    seqd, n_seq = history_predictors.dense_seq(tr)
+    none = np.zeros((0, tr.meta.num_layers, 6), np.float32)
+    assert moe_infinity.counts_fit_int(tr, seqd, n_seq, none)
+    big = np.zeros((1, tr.meta.num_layers, 6), np.float32)
+    big[0, 0, 0] = 2.0**15  # a count int16 cannot hold
+    assert not moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
+    big[0, 0, 0] = 2.0**15 - 1
+    big[0, 1, :] = 2.0**14  # row sum 6 x 2**14, times the largest count: over 2**31
+    assert not moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
+    big[0, 1, :] = 2.0**10
+    assert moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
 
 
 def _hand_trace(layers, experts, top_k, steps, seqs=None, preds=None):
