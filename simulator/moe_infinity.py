@@ -146,16 +146,24 @@ def counts_fit_int(trace: Trace, seqd: np.ndarray, n_seq: int, warm: np.ndarray)
     products in int32: every count (at most the accesses of one sequence at one layer, or a
     warm matrix's value) below 2**15, and every dot product (at most the largest row sum times
     the largest count) below 2**31."""
-    n_layers = trace.meta.num_layers
-    lens = np.diff(trace.offsets)
-    row_sum = np.bincount(seqd * n_layers + trace.layer.astype(np.int64), weights=lens,
-                          minlength=n_seq * n_layers)  # fmt: skip
-    most_sum = float(row_sum.max()) if row_sum.size else 0.0
+    most_sum = float(_most_row_sum(seqd, trace.layer, trace.offsets, n_seq, trace.meta.num_layers))
     most = most_sum
     if warm.size:
         most = max(most, float(warm.max()))
         most_sum = max(most_sum, float(warm.sum(axis=2).max()))
     return most < 2**15 and most_sum * most < 2**31
+
+
+@njit(cache=True)
+def _most_row_sum(seqd, layer, offsets, n_seq, n_layers):
+    """The most accesses of one sequence at one layer (a row sum of its activation matrix)."""
+    row_sum = np.zeros(n_seq * n_layers, np.int64)
+    most = 0
+    for r in range(seqd.shape[0]):
+        x = seqd[r] * n_layers + layer[r]
+        row_sum[x] += offsets[r + 1] - offsets[r]
+        most = max(most, row_sum[x])
+    return most
 
 
 @njit(cache=True)

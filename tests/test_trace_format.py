@@ -36,7 +36,7 @@ from traces.io import (
     trace_to_table,
     write_trace,
 )
-from traces.trace import Trace
+from traces.trace import Trace, _tokens_by_table, tokens_by_sort
 
 ARRAYS = ("step", "seq", "pos", "phase", "layer", "offsets", "experts")
 
@@ -215,6 +215,24 @@ def test_trace_counts():
     )  # fmt: skip
     assert part.num_tokens == 2
     assert tr.summary()["decode_rows"] == 4
+
+
+def test_token_count_table_equals_sort():
+    """The presence-table count of distinct (seq, pos) tokens equals the sort's, and sparse or
+    negative ids fall back to the sort."""
+    rng = np.random.default_rng(5)
+    for n, n_seq, n_pos in [(1, 1, 1), (50, 3, 10), (2000, 40, 300), (500, 500, 5)]:
+        seq = rng.integers(0, n_seq, n).astype(np.int64)
+        pos = rng.integers(0, n_pos, n).astype(np.int32)
+        want = len(set(zip(seq.tolist(), pos.tolist(), strict=True)))
+        assert _tokens_by_table(seq, pos) == want == tokens_by_sort(seq, pos)
+    seq = np.array([0, 5, 0], np.int64)
+    assert _tokens_by_table(seq, np.array([0, 1, 1 << 30], np.int32)) == -1  # sparse positions
+    assert _tokens_by_table(np.array([-1, 0], np.int64), np.array([0, 0], np.int32)) == -1
+    assert _tokens_by_table(np.array([1 << 40, 0], np.int64), np.array([0, 0], np.int32)) == -1
+    tr = worked_example()
+    sparse = Trace(**{**tr.__dict__, "seq": tr.seq * (1 << 40)})  # the sort's path
+    assert sparse.num_tokens == tr.num_tokens == 4
 
 
 def test_fixed_top_k_round_trip(tmp_path):
