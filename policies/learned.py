@@ -40,12 +40,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 import traces._jit  # noqa: F401  (numba cache folder; must run before any kernel is defined)
 from traces.errors import ConfigError, TraceError
@@ -77,12 +78,23 @@ class blas_threads:
         "openblas_set_num_threads",
     )
 
+    _found: tuple | None = None  # the (set, get) pair once found: looked up once per process
+
     def __init__(self, n: int = 1):
         self.n = n
         self._set = self._get = None
 
     @classmethod
     def _functions(cls):
+        if cls._found is None:
+            found = cls._lookup()
+            if found[0] is None:
+                return found  # not loaded yet, perhaps: look again next time
+            cls._found = found
+        return cls._found
+
+    @classmethod
+    def _lookup(cls):
         import ctypes
 
         try:
@@ -367,15 +379,28 @@ def _features(
 @njit(cache=True, nogil=True, fastmath=True)
 def _gather(emb, feats, vals, nf, z):
     """z[b] = sum of vals[b, i] * emb[feats[b, i]]."""
-    H = emb.shape[1]
     for b in range(feats.shape[0]):
-        zb = z[b]
-        zb[:] = 0.0
-        for i in range(nf[b]):
-            w = vals[b, i]
-            row = emb[feats[b, i]]
-            for j in range(H):
-                zb[j] += w * row[j]
+        _gather_row(emb, feats, vals, nf, z, b)
+
+
+@njit(cache=True, nogil=True, fastmath=True, parallel=True)
+def _gather_parallel(emb, feats, vals, nf, z):
+    """:func:`_gather` with the rows spread over the cores (each row summed by one thread in
+    the same order: the same numbers)."""
+    for b in prange(feats.shape[0]):
+        _gather_row(emb, feats, vals, nf, z, b)
+
+
+@njit(inline="always", nogil=True, fastmath=True)
+def _gather_row(emb, feats, vals, nf, z, b):
+    H = emb.shape[1]
+    zb = z[b]
+    zb[:] = 0.0
+    for i in range(nf[b]):
+        w = vals[b, i]
+        row = emb[feats[b, i]]
+        for j in range(H):
+            zb[j] += w * row[j]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -475,13 +500,14 @@ class _Net:
         for k in self.KEYS:
             setattr(self, k, getattr(self, k).astype(np.float16).astype(_DT))
 
-    def forward(self, feats, vals, nf, L: int, keep=None):
+    def forward(self, feats, vals, nf, L: int, keep=None, parallel: bool = False):
         """(logits, z, a, z1, a1) of a batch whose rows all target layer L.
 
         ``keep``: a dropout mask (already scaled by 1 / (1 - p)) on the last hidden layer.
+        ``parallel``: gather the embeddings on all cores (inference; same numbers).
         """
         z = np.empty((feats.shape[0], self.emb.shape[1]), _DT)
-        _gather(self.emb, feats, vals, nf, z)
+        (_gather_parallel if parallel else _gather)(self.emb, feats, vals, nf, z)
         a = np.maximum(z, 0)
         z1 = a1 = a
         if self.W1.shape[1]:
@@ -763,6 +789,9 @@ class LearnedPredictor:
         order = np.argsort(trace.layer, kind="stable")
         bounds = np.searchsorted(trace.layer[order], np.arange(trace.meta.num_layers + 1))
         epl = self.shape["experts_per_layer"]
+        # numba's fallback threading layer aborts on parallel work launched from two threads at
+        # once: off the main thread the gather stays on the calling thread
+        par = threading.current_thread() is threading.main_thread()
         for L in range(trace.meta.num_layers):
             idx = order[bounds[L] : bounds[L + 1]]
             for i in range(0, idx.shape[0], chunk):
@@ -772,7 +801,7 @@ class LearnedPredictor:
                 acc = np.zeros((nb, E), _DT)
                 for net in nets:
                     with blas_threads(1):
-                        lg = net.forward(feats[:nb], vals[:nb], nf[:nb], L)[0]
+                        lg = net.forward(feats[:nb], vals[:nb], nf[:nb], L, parallel=par)[0]
                     lg[:, epl[L] :] = -np.inf
                     lg -= lg.max(axis=1, keepdims=True)
                     lg -= np.log(np.exp(lg).sum(axis=1, keepdims=True))

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from policies.learned import LearnedConfig, LearnedPredictor, token_table
+from policies.learned import (
+    LearnedConfig,
+    LearnedPredictor,
+    _gather,
+    _gather_parallel,
+    token_table,
+)
 from simulator.cli import main
 from simulator.prediction import score_predictions
 from tests.conftest import real_path
@@ -105,6 +112,26 @@ def test_prev_tokens_only_from_earlier_steps():
     assert np.all(nf[prefill] == 1)  # the layer feature only: earlier tokens ran in this step
     # decode token i (rank 3+) has 2 previous tokens that ran in earlier steps
     assert np.all(nf[~prefill & (rank >= 3)] == 1 + 2 * 2)
+
+
+def test_parallel_gather_and_thread_agree():
+    """The embedding sums on all cores equal the serial ones, number for number, and a model
+    predicts the same from a worker thread (where the gather stays on that thread)."""
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((300, 24)).astype(np.float32)
+    feats = rng.integers(0, 300, (257, 9)).astype(np.int32)
+    vals = rng.random((257, 9)).astype(np.float32)
+    nf = rng.integers(0, 10, 257).astype(np.int32)
+    z1, z2 = np.empty((257, 24), np.float32), np.empty((257, 24), np.float32)
+    _gather(emb, feats, vals, nf, z1)
+    _gather_parallel(emb, feats, vals, nf, z2)
+    assert np.array_equal(z1, z2) and not np.all(z1 == 0)
+    tr = _planted(np.random.default_rng(6), sequences=6, text=True)
+    model = LearnedPredictor.train(tr, LearnedConfig(horizons=[1], hidden=16, epochs=1))
+    here = model.log_probs(tr, 1)
+    with ThreadPoolExecutor(1) as pool:
+        there = pool.submit(model.log_probs, tr, 1).result()
+    assert np.array_equal(here, there)
 
 
 def test_save_load_round_trip(tmp_path):
