@@ -144,11 +144,13 @@ def build(
 def counts_fit_int(trace: Trace, seqd: np.ndarray, n_seq: int, warm: np.ndarray) -> bool:
     """Whether the matching pass may keep the collection's counts in int16 and the dot
     products in int32: every count (at most the accesses of one sequence at one layer, or a
-    warm matrix's value) below 2**15, and every dot product (at most the largest row sum times
-    the largest count) below 2**31."""
+    warm matrix's value, which must be a whole number >= 0) below 2**15, and every dot product
+    (at most the largest row sum times the largest count) below 2**31."""
     most_sum = float(_most_row_sum(seqd, trace.layer, trace.offsets, n_seq, trace.meta.num_layers))
     most = most_sum
     if warm.size:
+        if not np.array_equal(warm, np.floor(warm)) or float(warm.min()) < 0.0:
+            return False  # not counts: float32 keeps them as given
         most = max(most, float(warm.max()))
         most_sum = max(most_sum, float(warm.sum(axis=2).max()))
     return most < 2**15 and most_sum * most < 2**31

@@ -357,6 +357,10 @@ def test_moe_infinity_count_types_chosen():
     assert not moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
     big[0, 1, :] = 2.0**10
     assert moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
+    big[0, 2, 0] = 0.5  # warm matrices that are not counts stay float32
+    assert not moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
+    big[0, 2, 0] = -1.0
+    assert not moe_infinity.counts_fit_int(tr, seqd, n_seq, big)
 
 
 def _hand_trace(layers, experts, top_k, steps, seqs=None, preds=None):
