@@ -375,7 +375,9 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
         # (2) dot products and best matches, by blocks of entries
         if n_entries > 0:
             n_chunks = (n_entries + chunk - 1) // chunk
-            if n_threads > 1 and n_chunks % n_threads:  # balance the cores
+            if n_threads > 1 and n_chunks > 1 and n_chunks % n_threads:  # balance the cores
+                # (a collection within one block stays one block: split in two, each block
+                # would pay every run's overhead for half the entries, measured slower)
                 n_chunks += n_threads - n_chunks % n_threads
             bsize = (n_entries + n_chunks - 1) // n_chunks
             bsize = (bsize + 15) // 16 * 16
