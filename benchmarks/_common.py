@@ -101,3 +101,14 @@ def git_head() -> str:
 def rate(n: int, seconds: float) -> str:
     """Accesses per second, in millions."""
     return f"{n / seconds / 1e6:8.1f}" if seconds > 0 else "     inf"
+
+
+def best_of(repeat: int, fn):
+    """Run ``fn() -> (seconds, ...)`` ``repeat`` times (at least once); the fastest run's
+    tuple."""
+    best = None
+    for _ in range(max(1, repeat)):
+        res = fn()
+        if best is None or res[0] < best[0]:
+            best = res
+    return best

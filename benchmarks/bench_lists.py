@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import default_trace
+from _common import best_of, default_trace
 
 from simulator import moe_infinity
 from simulator.config import SimConfig
@@ -41,12 +41,13 @@ def main() -> None:
 
     def best(fn) -> float:
         fn()  # compile or load the kernels first
-        times = []
-        for _ in range(max(1, args.repeat)):
+
+        def timed():
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+            return (time.perf_counter() - t,)
+
+        return best_of(args.repeat, timed)[0]
 
     cfg = SimConfig()
     cfg.cache.fraction = 0.1

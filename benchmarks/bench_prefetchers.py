@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import REPO, default_trace
+from _common import REPO, best_of, default_trace
 
 from simulator.config import SimConfig
 from simulator.engine import prepare, run
@@ -42,12 +42,7 @@ def main() -> None:
         pfs += [f"learned:model={args.learned}", f"adaptive:base=learned,model={args.learned}"]
 
     def once(pf: str) -> tuple[float, float, dict]:
-        best = None
-        for _ in range(max(1, args.repeat)):
-            res = one(pf)
-            if best is None or res[0] < best[0]:
-                best = res
-        return best
+        return best_of(args.repeat, lambda: one(pf))
 
     def one(pf: str) -> tuple[float, float, dict]:
         cfg = SimConfig()

@@ -31,22 +31,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import count_config, default_trace, git_head, log, machine, peak_rss_mib, rate
+from _common import (
+    best_of,
+    count_config,
+    default_trace,
+    git_head,
+    log,
+    machine,
+    peak_rss_mib,
+    rate,
+)
 
 POLICIES = ["lru", "fifo", "lfu", "belady"]
 LCS_CLASS = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
 FAST = {"lru", "fifo"}  # served by the count fast path (simulator/fast_count.py)
 FAST_TIMED = {"lru", "fifo", "lfu"}  # served by the timed fast path (simulator/fast_timed.py)
-
-
-def best_of(repeat: int, fn):
-    """Run ``fn() -> (seconds, result)`` ``repeat`` times; the fastest run's (seconds, result)."""
-    best = None
-    for _ in range(repeat):
-        sec, res = fn()
-        if best is None or sec < best[0]:
-            best = (sec, res)
-    return best
 
 
 def _toy():
