@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-import traces._jit  # noqa: F401  (numba cache folder; must run before any kernel is defined)
+from traces._jit import parallel_ok  # (also: numba's cache folder, set before any kernel)
 from traces.errors import ConfigError, TraceError
 from traces.format import TraceMeta
 from traces.trace import Trace
@@ -789,9 +788,7 @@ class LearnedPredictor:
         order = np.argsort(trace.layer, kind="stable")
         bounds = np.searchsorted(trace.layer[order], np.arange(trace.meta.num_layers + 1))
         epl = self.shape["experts_per_layer"]
-        # numba's fallback threading layer aborts on parallel work launched from two threads at
-        # once: off the main thread the gather stays on the calling thread
-        par = threading.current_thread() is threading.main_thread()
+        par = parallel_ok()  # off the main thread the gather stays on the calling thread
         for L in range(trace.meta.num_layers):
             idx = order[bounds[L] : bounds[L + 1]]
             for i in range(0, idx.shape[0], chunk):

@@ -37,7 +37,6 @@ pass in trace order (tests/test_prefetchers.py).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numba
@@ -45,7 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from simulator.history_predictors import dense_seq
-from traces._jit import HOT
+from traces._jit import HOT, parallel_ok
 from traces.trace import Trace
 
 EPS = 1e-8
@@ -125,9 +124,7 @@ def build(
     d_proto = np.zeros(0, np.int32 if int_counts else np.float32)
     if chunk <= 0:  # ecol of a block (layers x experts x entries) in about 1 MiB
         chunk = max(16, (1 << 20) // (e_proto.itemsize * n_layers * e_max) // 16 * 16)
-    if threading.current_thread() is not threading.main_thread():
-        # numba's fallback threading layer (workqueue) aborts when two threads launch parallel
-        # work at once (a Dask worker with several threads, say): run the blocks in this thread
+    if not parallel_ok():  # see traces._jit.parallel_ok: the blocks run in this thread
         par_min = 1 << 62
     res = _match(acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd,
                  trace.offsets, trace.experts, n_seq, n_layers, e_max, acc.layer_base,

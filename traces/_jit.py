@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numba
@@ -48,3 +49,11 @@ CACHE_DIR = configure()
 #: reference counting (``_nrt=False``), which otherwise costs 20-40 ns per call of a helper that
 #: takes arrays (measured). Such functions must not allocate: callers pass scratch arrays in.
 HOT = {"cache": True, "_nrt": False}
+
+
+def parallel_ok() -> bool:
+    """Whether this thread may launch numba's parallel (``prange``) kernels: only the main
+    thread. numba's fallback threading layer (workqueue) aborts the process when two threads
+    launch parallel work at once (a Dask worker with several threads, say), so callers off the
+    main thread run the serial version on the calling thread instead."""
+    return threading.current_thread() is threading.main_thread()
