@@ -3,9 +3,13 @@
 For each prefetcher: the whole ``run()`` wall time (building its request lists included: the
 MoE-Infinity matching pass, the stand-ins' predictions, the adaptive horizon) and the kernel's
 own time, as ratios to timed LRU without prefetching. The issue's target: MoE-Infinity and the
-learned predictor within 3x of plain timed LRU.
+learned predictor within 3x of plain timed LRU. ``--eviction`` adds MoE-Infinity's
+activation-aware eviction (``--policy moe-infinity``), without prefetching and with its own
+prefetcher, on the timed fast path (simulator/fast_mi.py) and on the general kernel; the two
+records must be equal.
 
     python benchmarks/bench_prefetchers.py [TRACE] [--fraction 0.1] [--repeat N] [--learned M.npz]
+        [--eviction]
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs of each")
     ap.add_argument("--learned", help="model file from `moesim train` (adds learned rows)")
+    ap.add_argument("--eviction", action="store_true",
+                    help="add MoE-Infinity's eviction, fast path and general kernel")  # fmt: skip
     ap.add_argument("--prefetchers", nargs="+", default=[
         "oracle", "prev-token", "cross-layer", "moe-infinity", "moe-infinity:capacity=100",
         "adaptive"])  # fmt: skip
@@ -41,10 +47,10 @@ def main() -> None:
     if args.learned:
         pfs += [f"learned:model={args.learned}", f"adaptive:base=learned,model={args.learned}"]
 
-    def once(pf: str) -> tuple[float, float, dict]:
-        return best_of(args.repeat, lambda: one(pf))
+    def once(pf: str, policy: str = "lru") -> tuple[float, float, dict]:
+        return best_of(args.repeat, lambda: one(pf, policy))
 
-    def one(pf: str) -> tuple[float, float, dict]:
+    def one(pf: str, policy: str = "lru") -> tuple[float, float, dict]:
         cfg = SimConfig()
         cfg.cache.fraction = args.fraction
         cfg.replay.mode = "timed"
@@ -52,7 +58,7 @@ def main() -> None:
         cfg.validate()
         prep.cache.clear()  # each prefetcher builds its lists from scratch
         t = time.perf_counter()
-        rec = run(prep, cfg, "lru")
+        rec = run(prep, cfg, policy)
         return time.perf_counter() - t, rec["kernel_s"], rec
 
     # compile or load every prefetcher's kernels first, on the bundled sample
@@ -76,6 +82,27 @@ def main() -> None:
             f"{pf[:34]:34s} {wall:8.2f} {wall / base_wall:6.2f} {kern:8.2f} "
             f"{kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
         )
+    if args.eviction:
+        from simulator import fast_timed
+
+        for pf in ("none", "moe-infinity"):
+            fast = once(pf, "moe-infinity")
+            fast_timed.ENABLED = False
+            try:
+                gen = once(pf, "moe-infinity")
+            finally:
+                fast_timed.ENABLED = True
+            a, b = ({k: v for k, v in r[2].items() if k != "kernel_s"} for r in (fast, gen))
+            if a != b:
+                raise SystemExit(f"eviction moe-infinity, prefetch {pf}: fast path and general "
+                                 "kernel differ")  # fmt: skip
+            for label, (wall, kern, rec) in (("fast path", fast), ("general kernel", gen)):
+                print(
+                    f"{'evict moe-inf, pf ' + pf[:4] + ', ' + label:34s} {wall:8.2f} "
+                    f"{wall / base_wall:6.2f} {kern:8.2f} {kern / base_kernel:6.2f} "
+                    f"{rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
+                )
+            print(f"  (same record; the fast path's kernel is {gen[1] / fast[1]:.2f}x faster)")
     if args.learned:
         # the learned predictor's guesses precomputed once (what `moesim predict` writes as the
         # trace's pred_h1 column), then replayed with --prefetch trace

@@ -35,15 +35,21 @@ import numpy as np
 from numba import njit
 
 from policies import lfu
+from policies import moe_infinity as mi_policy
 from policies.spec import PolicySpec
 from policies.state import ABSENT, IN_FLIGHT, OI_SIZE, P_CAP, P_USED, PINNED, RESIDENT, CacheState
+from simulator import fast_mi
 from simulator import kernels as K
 from simulator.fast_count import LIST_POLICIES, _push_front, _unlink
+from simulator.fast_mi import evictable as _evictable
 from traces._jit import HOT
 
 #: Policies kept in count buckets here (in-cache LFU, first in first out among equal counts),
 #: exactly as :mod:`policies.structures` keeps them.
 BUCKET_POLICIES = {lfu.PID}
+
+#: MoE-Infinity's activation-aware eviction, kept per layer by :mod:`simulator.fast_mi`.
+RANKED_POLICIES = {mi_policy.PID}
 
 #: False forces the general kernel (also: MOESIM_FAST_TIMED=0 in the environment).
 ENABLED = os.environ.get("MOESIM_FAST_TIMED", "1") != "0"
@@ -58,12 +64,13 @@ def applies(spec: PolicySpec, st: CacheState, n_events: int) -> bool:
     """Whether :func:`replay` may serve this timed run: LRU, FIFO or in-cache LFU without a
     ``prepare`` hook, one partition of unit-size experts with room for one, nothing admitted
     yet (pinned experts are fine), no event log."""
+    ranked = spec.pid in RANKED_POLICIES
     return (
         ENABLED
         and n_events == 0
-        and (spec.pid in LIST_POLICIES or spec.pid in BUCKET_POLICIES)
+        and (spec.pid in LIST_POLICIES or spec.pid in BUCKET_POLICIES or ranked)
         and spec.prepare is None
-        and spec.attach is None
+        and (spec.attach is None or (ranked and fast_mi.exact_for(st)))
         and st.parts.shape[0] == 1
         and bool(np.all(st.oi[:, OI_SIZE] == 1))
         and int(st.parts[0, P_CAP]) >= 1
@@ -80,7 +87,8 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     status = np.where(st.status == PINNED, PINNED, ABSENT).astype(np.int8)
     prv = np.full(n_obj + 1, n_obj, np.int32)
     nxt = np.full(n_obj + 1, n_obj, np.int32)
-    kind = 1 if spec.pid in BUCKET_POLICIES else 0
+    kind = 1 if spec.pid in BUCKET_POLICIES else 2 if spec.pid in RANKED_POLICIES else 0
+    mi = fast_mi.new_state(st, acc.num_groups) if kind == 2 else fast_mi.dummy_state()
     ol = np.full((n_obj, 3), -1, np.int64)  # buckets: per expert prev, next, node
     nd = np.full((n_obj + 2, 5), -1, np.int64)  # per node count, head, tail, next, prev
     sent = n_obj + 1  # the sentinel node (count -1); its head field holds the free list
@@ -98,7 +106,7 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
     qstate = np.zeros(n_obj, np.int8)  # 1 queued prefetch, 2 turned into demand
     ok = _replay(acc.group_offsets, acc.group_layer, acc.group_step, acc.group_prefill,
                  acc.group_decode, acc.obj, acc.count, atomic, LIST_POLICIES.get(spec.pid, False),
-                 kind, ol, nd, sent, pf_off,
+                 kind, ol, nd, sent, mi, pf_off,
                  pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status, prv,
                  nxt, pin, int(st.parts[0, P_USED]), int(st.parts[0, P_CAP]), hits_obj, eng,
                  arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t, qstate,
@@ -109,26 +117,14 @@ def replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl
 
 
 @njit(inline="always", **HOT)
-def _evictable(status, pin, need_by, arrive, o, pin_lo, pin_hi, need_limit, g, now):
-    """:func:`policies.dispatch.evictable` on this loop's state (``g``: the current group)."""
-    s = status[o]
-    if s == IN_FLIGHT:
-        if arrive[o] > now:
-            return False
-    elif s != RESIDENT:
-        return False
-    pv = pin[o]
-    if pv >= pin_lo and pv <= pin_hi:
-        return False
-    nb = need_by[o]
-    return nb > need_limit or nb <= g
-
-
-@njit(inline="always", **HOT)
-def _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s, pin_lo, pin_hi, need_limit,
-            g, now):  # fmt: skip
+def _victim(kind, status, prv, ol, nd, sent, mi, pin, need_by, arrive, s, pin_lo, pin_hi,
+            need_limit, g, now, cur):  # fmt: skip
     """The first evictable expert in eviction order, or -1: from the list's eviction end, or
-    from the lowest count's oldest expert up (as :func:`policies.dispatch.victim`)."""
+    from the lowest count's oldest expert up (as :func:`policies.dispatch.victim`), or
+    MoE-Infinity's lowest priority at group ``g`` of layer ``cur`` (:mod:`simulator.fast_mi`)."""
+    if kind == 2:
+        return fast_mi.victim(mi, status, pin, need_by, arrive, pin_lo, pin_hi, need_limit, g,
+                              now, cur)  # fmt: skip
     if kind == 0:
         c = prv[s]
         while c != s:
@@ -201,9 +197,12 @@ def _b_unlink(ol, nd, sent, o):
 
 
 @njit(inline="always", **HOT)
-def _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o):
+def _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, mi, o):
     """A use of the cached ``o``: to the list's recent end (LRU), or one count up, newest
-    there (LFU)."""
+    there (LFU), or the most recent in its layer's ranking (MoE-Infinity)."""
+    if kind == 2:
+        fast_mi.touch(mi, o)
+        return
     if kind == 0:
         if move_on_hit and nxt[s] != o:
             _unlink(prv, nxt, o)
@@ -218,8 +217,11 @@ def _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o):
 
 
 @njit(inline="always", **HOT)
-def _admit(kind, s, prv, nxt, ol, nd, sent, o):
-    """``o`` enters: the list's recent end, or count 1, newest there."""
+def _admit(kind, s, prv, nxt, ol, nd, sent, mi, o):
+    """``o`` enters: the list's recent end, or count 1, newest there, or its layer's ranking."""
+    if kind == 2:
+        fast_mi.admit(mi, o)
+        return
     if kind == 0:
         _push_front(prv, nxt, s, o)
         return
@@ -230,9 +232,9 @@ def _admit(kind, s, prv, nxt, ol, nd, sent, o):
 
 
 @njit(inline="always", **HOT)
-def _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v):
+def _evict(kind, prv, nxt, ol, nd, sent, mi, status, pf_flag, obj_bytes, tally, v):
     """Evict ``v``; ``tally``: evictions, prefetches wasted, their bytes."""
-    _remove(kind, prv, nxt, ol, nd, sent, v)
+    _remove(kind, prv, nxt, ol, nd, sent, mi, v)
     status[v] = ABSENT
     tally[0] += 1
     if pf_flag[v] != 0:
@@ -242,9 +244,11 @@ def _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v):
 
 
 @njit(inline="always", **HOT)
-def _remove(kind, prv, nxt, ol, nd, sent, o):
+def _remove(kind, prv, nxt, ol, nd, sent, mi, o):
     """``o`` leaves the cache (an eviction or a cancelled prefetch)."""
-    if kind == 0:
+    if kind == 2:
+        fast_mi.remove(mi, o)
+    elif kind == 0:
         _unlink(prv, nxt, o)
     else:
         _b_unlink(ol, nd, sent, o)
@@ -252,8 +256,8 @@ def _remove(kind, prv, nxt, ol, nd, sent, o):
 
 @njit(**HOT)
 def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hit, kind, ol, nd,
-            sent, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer, status,
-            prv, nxt, pin, used,
+            sent, mi, pf_off, pf_obj, pf_tgt, obj_bytes, hw, cnt, fl, acc_layer, stall_layer,
+            status, prv, nxt, pin, used,
             cap, hits_obj, eng, arrive, need_by, pf_flag, q_obj, q_t, r_obj, r_t,
             qstate, m_ready, m_late, m_order,
             xfer, d_obj, tally):  # fmt: skip
@@ -334,13 +338,13 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 hits_obj[o] += 1
                 m_ready[k] = now
                 if so != PINNED:
-                    _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o)
+                    _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, mi, o)
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
                     pf_used += 1
             elif so == IN_FLIGHT:
                 inflight_hits += 1
-                _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, o)
+                _touch(kind, move_on_hit, s, prv, nxt, ol, nd, sent, mi, o)
                 m_ready[k] = -1.0
                 if pf_flag[o] != 0:
                     pf_flag[o] = 0
@@ -354,23 +358,24 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 m_ready[k] = -1.0
                 if used >= cap:
                     if atomic:
-                        v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s,
-                                    b + 1, b + 3, BIG - 1, g, now)  # fmt: skip
+                        v = _victim(kind, status, prv, ol, nd, sent, mi, pin, need_by, arrive,
+                                    s, b + 1, b + 3, BIG - 1, g, now, lay)  # fmt: skip
                         if v < 0:
-                            v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive,
-                                        s, b + 1, b + 2, BIG - 1, g, now)  # fmt: skip
+                            v = _victim(kind, status, prv, ol, nd, sent, mi, pin, need_by,
+                                        arrive, s, b + 1, b + 2, BIG - 1, g, now, lay)  # fmt: skip
                             if v >= 0:
                                 forced += 1
                     else:
-                        v = _victim(kind, status, prv, ol, nd, sent, pin, need_by, arrive, s,
-                                    b + 2, b + 2, BIG - 1, g, now)  # fmt: skip
+                        v = _victim(kind, status, prv, ol, nd, sent, mi, pin, need_by, arrive,
+                                    s, b + 2, b + 2, BIG - 1, g, now, lay)  # fmt: skip
                     if v < 0:
                         return False  # the general kernel defers this fetch
-                    _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v)
+                    _evict(kind, prv, nxt, ol, nd, sent, mi, status, pf_flag, obj_bytes, tally,
+                           v)  # fmt: skip
                     used -= 1
                 status[o] = IN_FLIGHT
                 used += 1
-                _admit(kind, s, prv, nxt, ol, nd, sent, o)
+                _admit(kind, s, prv, nxt, ol, nd, sent, mi, o)
                 arrive[o] = INF
                 d_obj[n_dem] = o  # started at the flush, after the queued demand fetches
                 n_dem += 1
@@ -389,7 +394,7 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
                 qstate[o] = 0
             elif need_by[o] <= g:
                 qstate[o] = 0
-                _remove(kind, prv, nxt, ol, nd, sent, o)
+                _remove(kind, prv, nxt, ol, nd, sent, mi, o)
                 status[o] = ABSENT
                 used -= 1
                 arrive[o] = INF
@@ -425,32 +430,18 @@ def _replay(g_off, g_layer, g_step, g_pre, g_dec, obj, count, atomic, move_on_hi
             if status[o] == ABSENT:
                 ok = True
                 if used >= cap:
-                    v = _victim(
-                        kind,
-                        status,
-                        prv,
-                        ol,
-                        nd,
-                        sent,
-                        pin,
-                        need_by,
-                        arrive,
-                        s,
-                        b + 1,
-                        b + 3,
-                        tgt,
-                        g,
-                        now,
-                    )
+                    v = _victim(kind, status, prv, ol, nd, sent, mi, pin, need_by, arrive, s,
+                                b + 1, b + 3, tgt, g, now, lay)  # fmt: skip
                     if v < 0:
                         ok = False
                     else:
-                        _evict(kind, prv, nxt, ol, nd, sent, status, pf_flag, obj_bytes, tally, v)
+                        _evict(kind, prv, nxt, ol, nd, sent, mi, status, pf_flag, obj_bytes,
+                               tally, v)  # fmt: skip
                         used -= 1
                 if ok:
                     status[o] = IN_FLIGHT
                     used += 1
-                    _admit(kind, s, prv, nxt, ol, nd, sent, o)
+                    _admit(kind, s, prv, nxt, ol, nd, sent, mi, o)
                     arrive[o] = INF
                     need_by[o] = tgt
                     pf_flag[o] = 1

@@ -1,9 +1,9 @@
-"""The timed-mode fast path for LRU, FIFO and LFU (simulator/fast_timed.py) gives exactly the
-general kernel's result record, every counter and every float: random traces, every cache
-size, atomic and sequential access, one and two copy engines, slow and fast links, no prefetch
-and five prefetchers (queues, cancellations, late and wasted prefetches), pinned experts; where
-it gives up (a deferred demand fetch) the general kernel's record comes out; configurations it
-does not serve never reach it."""
+"""The timed-mode fast path for LRU, FIFO, LFU and MoE-Infinity's eviction (simulator/fast_timed.py,
+simulator/fast_mi.py) gives exactly the general kernel's result record, every counter and every
+float: random traces, every cache size, atomic and sequential access, one and two copy engines,
+slow and fast links, no prefetch and five prefetchers (queues, cancellations, late and wasted
+prefetches), pinned experts; where it gives up (a deferred demand fetch) the general kernel's
+record comes out; configurations it does not serve never reach it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.conftest import real_path
 from tests.helpers import random_trace
 from traces.io import read_trace
 
-LIST = ["lru", "fifo", "lfu"]
+LIST = ["lru", "fifo", "lfu", "moe-infinity"]
 
 
 def _cfg(slots, access="atomic", prefetch="none", bw=1.0, engines=1, pinned=(), scope="global",
@@ -161,4 +161,64 @@ def test_fast_timed_equals_general_kernel_on_real_trace(tmp_path):
             cfg = _cfg(slots, access, pf, 25.0)
             cfg.compute.dense_s = 1e-4
             cfg.compute.expert_s = 3e-4
-            _same(prep, cfg.validate(), "lru")
+            for policy in ("lru", "moe-infinity"):
+                _same(prep, cfg.validate(), policy)
+
+
+def test_fast_timed_moe_infinity_ranks_as_the_general_scan():
+    """MoE-Infinity's eviction on the fast path: batches of one and of three sequences (one
+    matched snapshot per group, and several, whose equal sums are compared by priority), the
+    first group's least-recently-used rule, with and without its prefetcher. Its records are
+    the general kernel's, and they are not LRU's (the ranking is exercised)."""
+    differ = 0
+    for batch, seed in [(1, 11), (3, 12)]:
+        rng = np.random.default_rng(seed)
+        prep = prepare(random_trace(rng, layers=4, experts=6, top_k=2, sequences=6, batch=batch,
+                                    prefill=4, decode=8, skew=0.5))  # fmt: skip
+        for slots in (2 * batch + 1, 9, 14):
+            for pf in ("none", "oracle", "moe-infinity:capacity=4"):
+                for access in ("atomic", "sequential"):
+                    cfg = _cfg(slots, access, pf, 1.0)
+                    mi, _ = _same(prep, cfg, "moe-infinity")
+                    lru, _ = _same(prep, cfg, "lru")
+                    differ += mi["hits"] != lru["hits"]
+    assert differ >= 6, differ
+
+
+def test_fast_mi_exact_only_for_whole_counts():
+    """The ranking is exact for whole, non-negative counts below 2**24; other snapshot values
+    (a hand-made collection) go to the general kernel's scan."""
+    from types import SimpleNamespace
+
+    from simulator import fast_mi
+
+    def state(values):
+        of = np.zeros((3, 2 + len(values)))
+        of[0, 2:] = values
+        return SimpleNamespace(of=of)
+
+    assert fast_mi.exact_for(state([0.0, 3.0, 2.0**24 - 1]))
+    assert not fast_mi.exact_for(state([0.5]))
+    assert not fast_mi.exact_for(state([-1.0]))
+    assert not fast_mi.exact_for(state([2.0**24]))
+
+
+def test_fast_timed_moe_infinity_fractional_snapshots_use_the_general_kernel(monkeypatch):
+    """A collection of fractional counts (made by hand: traces give whole ones) is replayed by
+    the general kernel, whose record comes out."""
+    import dataclasses
+
+    from policies import registry
+
+    spec = registry.POLICIES["moe-infinity"]
+
+    def halves(state, ctx):
+        st = spec.attach(state, ctx)
+        st.of[:, 2:] += 0.5
+        return st
+
+    monkeypatch.setitem(registry.POLICIES, "moe-infinity", dataclasses.replace(spec, attach=halves))
+    rng = np.random.default_rng(9)
+    prep = prepare(random_trace(rng, layers=3, experts=5, top_k=2, sequences=4, decode=5))
+    _, _, ok = _both(prep, _cfg(6), "moe-infinity")
+    assert ok is None
