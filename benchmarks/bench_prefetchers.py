@@ -85,6 +85,13 @@ def main() -> None:
     if args.eviction:
         from simulator import fast_timed
 
+        fast_timed.ENABLED = False  # load (or compile) the general kernel outside the timing
+        try:
+            warm = SimConfig()
+            warm.replay.mode = "timed"
+            run(sample, warm.validate(), "moe-infinity")
+        finally:
+            fast_timed.ENABLED = True
         for pf in ("none", "moe-infinity"):
             fast = once(pf, "moe-infinity")
             fast_timed.ENABLED = False
