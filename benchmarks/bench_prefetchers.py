@@ -103,7 +103,7 @@ def main() -> None:
             if a != b:
                 raise SystemExit(f"eviction moe-infinity, prefetch {pf}: fast path and general "
                                  "kernel differ")  # fmt: skip
-            for label, (wall, kern, rec) in (("fast path", fast), ("general kernel", gen)):
+            for label, (wall, kern, rec) in (("fast", fast), ("general", gen)):
                 print(
                     f"{'evict moe-inf, pf ' + pf[:4] + ', ' + label:34s} {wall:8.2f} "
                     f"{wall / base_wall:6.2f} {kern:8.2f} {kern / base_kernel:6.2f} "

@@ -6,15 +6,19 @@ snapshots summed, ``decay`` a function of the distance from the current layer to
 ties go to the least recently used. The general kernel finds that victim with a scan of every
 resident, each eviction (about 1.4 us at 166 slots, 22 M times on the DeepSeek training set).
 
-Here each layer keeps its residents sorted by their summed count in the current match set, then
-by recency (``stamp``: a clock ticked at every admission and hit, the order the general
-kernel's list keeps). Inside one layer the decay is common, so a layer's first evictable
-resident has its lowest priority, and the victim is the lowest of at most one per layer. Each
-layer's candidate is kept between evictions and a tournament tree over the layers holds the
-lowest (see :func:`victim` for when a kept candidate still holds). A change of match set
-(about one group in five on the training set) re-sorts the residents, at the first eviction
-that needs them. On the training set at 166 slots the kernel takes about a quarter of the
-general kernel's time, with the same record.
+Here each layer's residents are kept (in no order), and each layer's lowest evictable resident
+by (summed count in the current match set, recency stamp) is found by a scan of that layer
+alone (``stamp``: a clock ticked at every admission and hit, the order the general kernel's
+list keeps). Inside one layer the decay is common, so that resident has the layer's lowest
+priority, and the victim is the lowest of at most one per layer. Each layer's candidate is
+kept between evictions and a tournament tree over the layers holds the lowest (see
+:func:`victim` for when a kept candidate still holds); a layer is scanned again only when its
+residents changed or its candidate no longer holds. A change of match set (about one group in
+five on the training set) only marks every layer to be scanned again: the sums are read from
+the snapshots during the scan, so nothing is re-sorted (an earlier version kept each layer
+sorted: as fast, with more code, the re-sorting costing what the scans cost here). On the
+training set at 166 slots the kernel takes about a quarter of the general kernel's time, with
+the same record.
 
 This gives the general kernel's victim exactly where the counts are whole numbers, non-negative
 and below 2**24 (:func:`exact_for`; traces only give such counts): they are then exact in the
@@ -24,13 +28,13 @@ priorities (one snapshot) or are compared by their priority as the general kerne
 bit for bit (several snapshots). Collections of other values replay on the general kernel.
 
 State (``mi``, a tuple of arrays, as :func:`new_state` makes it; the comments there name them):
-each layer's residents in order and their number, each expert's sum in the current set, its
-recency stamp and its layer, the collection's snapshots (float32[S, O]), each group's matched
+each layer's residents and their number, each resident's place in its layer's row, its recency
+stamp and its layer, the collection's snapshots (float32[S, O]), each group's matched
 snapshots (int64[G, 4], -1: none), ``ms`` (the current set, the clock, the model's layers, the
 stale stack's size, the tree's first leaf, the protection the kept candidates are for), each
 layer's kept candidate (``ho``: expert, -1 none, ``STALE`` to be found again), its priority,
-stamp and whether it is its layer's first, the decays by (current layer, layer), the tree and
-the stack of layers whose residents changed.
+stamp and whether no resident of its layer ranks before it, the decays by (current layer,
+layer), the tree and the stack of layers whose residents changed.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def new_state(st, n_groups: int):
     return (
         np.zeros((n_layers, max(width, 1)), np.int32),  # lr
         np.zeros(n_layers, np.int64),  # ln
-        np.zeros(lay.shape[0], np.float64),  # vs
+        np.zeros(lay.shape[0], np.int64),  # pos: place in its layer's row of ``lr``
         np.zeros(lay.shape[0], np.int64),  # stamp
         lay,
         np.ascontiguousarray(st.of[:, 2:].T, np.float32),  # snap: whole counts < 2**24, exact
@@ -106,7 +110,7 @@ def _decays(n_layers: int) -> np.ndarray:
 def dummy_state():
     """Placeholder arrays for the other policies (never read)."""
     i1 = np.zeros(1, np.int64)
-    return (np.zeros((1, 1), np.int32), i1, np.zeros(1), i1, i1, np.zeros((1, 1), np.float32),
+    return (np.zeros((1, 1), np.int32), i1, i1, i1, i1, np.zeros((1, 1), np.float32),
             np.full((1, N_MATCH), -1, np.int64), np.zeros(12, np.int64), i1, np.zeros(1), i1,
             i1, np.zeros((1, 1)), np.zeros(2, np.int64), i1)  # fmt: skip
 
@@ -130,42 +134,17 @@ def evictable(status, pin, need_by, arrive, o, pin_lo, pin_hi, need_limit, g, no
 
 @njit(inline="always", **HOT)
 def _sum(snap, ms, o):
-    """``o``'s count summed over the current set's snapshots (whole numbers: exact)."""
+    """``o``'s count summed over the current set's snapshots (whole numbers: exact); the
+    common case of one snapshot or none (unbatched decoding) in one load."""
+    s = ms[0]
+    if ms[1] < 0:
+        return np.float64(snap[s, o]) if s >= 0 else 0.0
     v = 0.0
     for j in range(N_MATCH):
         s = ms[j]
         if s >= 0:
             v += snap[s, o]
     return v
-
-
-@njit(inline="always", **HOT)
-def _after(vs, stamp, a, b):
-    """Whether ``a`` ranks after ``b`` (higher sum, or equal sum and used later)."""
-    return vs[a] > vs[b] or (vs[a] == vs[b] and stamp[a] > stamp[b])
-
-
-@njit(inline="always", **HOT)
-def _insert(lr, ln, vs, stamp, lay, o):
-    l = lay[o]
-    i = ln[l]
-    while i > 0 and _after(vs, stamp, lr[l, i - 1], o):
-        lr[l, i] = lr[l, i - 1]
-        i -= 1
-    lr[l, i] = o
-    ln[l] += 1
-
-
-@njit(inline="always", **HOT)
-def _delete(lr, ln, lay, o):
-    l = lay[o]
-    n = ln[l]
-    i = 0
-    while lr[l, i] != o:
-        i += 1
-    for k in range(i, n - 1):
-        lr[l, k] = lr[l, k + 1]
-    ln[l] = n - 1
 
 
 @njit(inline="always", **HOT)
@@ -178,50 +157,44 @@ def _stale(ho, sk, ms, l):
 
 
 @njit(inline="always", **HOT)
-def admit(mi, o):
-    """``o`` enters the cache: the most recently used, ranked by its sum in the current set."""
-    lr, ln, vs, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+def _restamp(ms, stamp, ho, sk, lay, o):
+    """``o`` is the most recently used now (the general kernel's list front): a new stamp, and
+    its layer's kept lowest resident to be found again."""
     ms[M_CLOCK] += 1
     stamp[o] = ms[M_CLOCK]
-    vs[o] = _sum(snap, ms, o)
-    _insert(lr, ln, vs, stamp, lay, o)
     _stale(ho, sk, ms, lay[o])
+
+
+@njit(inline="always", **HOT)
+def admit(mi, o):
+    """``o`` enters the cache, the most recently used."""
+    lr, ln, pos, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+    l = lay[o]
+    pos[o] = ln[l]
+    lr[l, ln[l]] = o
+    ln[l] += 1
+    _restamp(ms, stamp, ho, sk, lay, o)
 
 
 @njit(inline="always", **HOT)
 def touch(mi, o):
-    """A use of the cached ``o``: the most recently used now (the list's move to the front)."""
-    lr, ln, vs, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
-    _delete(lr, ln, lay, o)
-    ms[M_CLOCK] += 1
-    stamp[o] = ms[M_CLOCK]
-    _insert(lr, ln, vs, stamp, lay, o)
-    _stale(ho, sk, ms, lay[o])
+    """A use of the cached ``o``: the most recently used now."""
+    lr, ln, pos, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+    _restamp(ms, stamp, ho, sk, lay, o)
 
 
 @njit(inline="always", **HOT)
 def remove(mi, o):
-    """``o`` leaves the cache (an eviction or a cancelled prefetch)."""
-    lr, ln, vs, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
-    _delete(lr, ln, lay, o)
-    _stale(ho, sk, ms, lay[o])
-
-
-@njit(**HOT)
-def _resort(lr, ln, vs, stamp, snap, ms):
-    """Every resident's sum in the (new) current set, and each layer sorted again."""
-    for l in range(ln.shape[0]):
-        n = ln[l]
-        for i in range(n):
-            o = lr[l, i]
-            vs[o] = _sum(snap, ms, o)
-        for i in range(1, n):
-            o = lr[l, i]
-            k = i
-            while k > 0 and _after(vs, stamp, lr[l, k - 1], o):
-                lr[l, k] = lr[l, k - 1]
-                k -= 1
-            lr[l, k] = o
+    """``o`` leaves the cache (an eviction or a cancelled prefetch): its layer's last resident
+    takes its place."""
+    lr, ln, pos, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+    l = lay[o]
+    n = ln[l] - 1
+    last = lr[l, n]
+    lr[l, pos[o]] = last
+    pos[last] = pos[o]
+    ln[l] = n
+    _stale(ho, sk, ms, l)
 
 
 @njit(inline="always", **HOT)
@@ -245,38 +218,43 @@ def _priority(snap, gm, g, o, w):
 @njit(inline="always", **HOT)
 def _lowest(mi, status, pin, need_by, arrive, pin_lo, pin_hi, need_limit, g, now, l, w,
             several):  # fmt: skip
-    """Layer ``l``'s evictable resident of lowest (priority, recency) into ``ho[l]``,
-    ``hk[l]``, ``hs[l]`` (``ho[l]`` = -1 and ``hk[l]`` = inf if none): its first evictable
-    one, or with several snapshots the lowest priority among the evictable ones of that sum.
-    ``hf[l]``: 1 if that is the layer's first resident, found with one snapshot or none."""
-    lr, ln, vs, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
-    n = ln[l]
-    ho[l] = -1
-    hk[l] = np.inf
-    hf[l] = 0
-    i = 0
-    while i < n:
+    """Layer ``l``'s evictable resident of lowest (sum, priority, recency) into ``ho[l]``,
+    ``hk[l]`` (its priority), ``hs[l]`` (its stamp); ``ho[l]`` = -1 and ``hk[l]`` = inf if
+    none. Equal sums have equal priorities with one snapshot or none; with several they may
+    round apart, so the priority decides between them, as the general kernel's does.
+    ``hf[l]``: 1 if no resident of the layer, evictable or not, ranks before it (found with
+    one snapshot or none), so it stays the lowest for as long as it is evictable and the
+    layer's residents and the match set stay as they are."""
+    lr, ln, pos, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+    best = -1
+    bv = 0.0
+    bp = 0.0
+    bs = 0
+    pv = np.inf  # the lowest (sum, stamp) among the protected residents
+    ps = 0
+    for i in range(ln[l]):
         c = lr[l, i]
-        i += 1
-        if not evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
-            continue
-        ho[l] = c
-        hk[l] = _priority(snap, gm, g, c, w)
-        hs[l] = stamp[c]
-        if not several:
-            hf[l] = i == 1
-            return
-        v = vs[c]  # equal sums may round apart: the rest of this sum's run too
-        while i < n and vs[lr[l, i]] == v:
-            c = lr[l, i]
-            i += 1
-            if evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
-                k = _priority(snap, gm, g, c, w)
-                if k < hk[l]:  # walked in recency order: equal keys keep the older
-                    ho[l] = c
-                    hk[l] = k
-                    hs[l] = stamp[c]
+        v = _sum(snap, ms, c)
+        sc = stamp[c]
+        if evictable(status, pin, need_by, arrive, c, pin_lo, pin_hi, need_limit, g, now):
+            if several:
+                p = _priority(snap, gm, g, c, w)
+                if best < 0 or v < bv or (v == bv and (p < bp or (p == bp and sc < bs))):
+                    best, bv, bp, bs = c, v, p, sc
+            elif best < 0 or v < bv or (v == bv and sc < bs):
+                best, bv, bs = c, v, sc
+        elif v < pv or (v == pv and sc < ps):
+            pv = v
+            ps = sc
+    ho[l] = best
+    hf[l] = 0
+    if best < 0:
+        hk[l] = np.inf
         return
+    hk[l] = bp if several else _priority(snap, gm, g, best, w)
+    hs[l] = bs
+    if not several and (bv < pv or (bv == pv and bs < ps)):
+        hf[l] = 1
 
 
 @njit(inline="always", **HOT)
@@ -309,10 +287,11 @@ def victim(mi, status, pin, need_by, arrive, pin_lo, pin_hi, need_limit, g, now,
     the layers holds the lowest of them. While the group and the protection stay the same,
     experts only ever become protected, never free, so a kept one is a lower bound: where the
     lowest of all is still evictable it is the victim, else its layer is looked at again. When
-    they change, a kept resident that is its layer's first and still evictable stays (nothing
-    ranks before it), with its priority at this layer; other layers are looked at again. A
-    layer whose residents changed (the stale stack) is always looked at again."""
-    lr, ln, vs, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
+    they change, a kept resident that no resident of its layer ranks before (``hf``) stays
+    while it is evictable, with its priority at this layer; other layers are looked at again.
+    A layer whose residents changed (the stale stack) is always looked at again, and every
+    layer when the match set changes."""
+    lr, ln, pos, stamp, lay, snap, gm, ms, ho, hk, hs, hf, wt, tr, sk = mi
     n_layers = ms[M_LAYERS]
     if pin_lo <= 1:
         best = -1
@@ -333,9 +312,8 @@ def victim(mi, status, pin, need_by, arrive, pin_lo, pin_hi, need_limit, g, now,
         if gm[g, j] != ms[j]:
             same = False
     if not same:
-        for j in range(N_MATCH):
+        for j in range(N_MATCH):  # the sums change: every layer is scanned again
             ms[j] = gm[g, j]
-        _resort(lr, ln, vs, stamp, snap, ms)
         for l in range(n_layers):
             ho[l] = STALE
         again = True
