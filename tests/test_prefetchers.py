@@ -119,6 +119,19 @@ def test_cross_layer_equals_twin(case, h):
     assert _csr_lists(off, ids) == _cross_layer_twin(tr, h, 2)
 
 
+@pytest.mark.parametrize("top_n", [1, 6, 13])
+def test_cross_layer_top6_rows_equal_twin(top_n):
+    """Six experts per token (DeepSeek, Qwen: the kernel's one-pass sum of six rows), experts
+    of unequal counts per layer, many tied scores, and more names asked for than are scored."""
+    tr = random_trace(np.random.default_rng(31), layers=4, experts=[12, 16, 9, 16], top_k=6,
+                      sequences=6, batch=2, prefill=3, decode=5, skew=1.5)  # fmt: skip
+    acc = prepare(tr).acc
+    off, ids = history_predictors.cross_layer(tr, acc, 1, top_n)
+    got = _csr_lists(off, ids)
+    assert got == _cross_layer_twin(tr, 1, top_n)
+    assert max(len(p) for p in got) == min(top_n, 16)
+
+
 def test_cross_layer_warm_counts_and_shape_check():
     rng = np.random.default_rng(5)
     train = random_trace(rng, layers=3, experts=6, top_k=2, sequences=4)
