@@ -96,21 +96,90 @@ def _prev_token(row_group, seqd, layer, offsets, experts, n_seq, n_layers):
 
 
 def source_rows(trace: Trace, horizon: int) -> np.ndarray:
-    """int64[R]: for each row, the same token's row ``horizon`` layers earlier (-1: none)."""
+    """int64[R]: for each row, the same token's row ``horizon`` layers earlier in the same step
+    (-1: none). One pass through a table of tokens by (sequence, position) where the ids allow
+    it (steps in order, ids not negative, no wide gaps), else by a sort (the same result)."""
     n = trace.num_rows
+    if n == 0 or horizon <= 0:
+        return np.full(n, -1, np.int64)
+    src = _source_by_table(trace.seq, trace.pos, trace.step, trace.layer.astype(np.int64),
+                           trace.meta.num_layers, horizon)  # fmt: skip
+    return src if src is not None else source_rows_by_sort(trace, horizon)
+
+
+def source_rows_by_sort(trace: Trace, horizon: int) -> np.ndarray:
+    """:func:`source_rows` by a sort of the rows by (step, sequence, position, layer): any ids,
+    any row order."""
     order = np.lexsort((trace.layer, trace.pos, trace.seq, trace.step))
+    src = np.full(trace.num_rows, -1, np.int64)
+    _source_in_order(order, trace.step, trace.seq, trace.pos, trace.layer.astype(np.int64),
+                     horizon, src)  # fmt: skip
+    return src
+
+
+@njit(cache=True)
+def _source_in_order(order, step, seq, pos, layer, horizon, src):
+    """In sorted ``order`` each token's rows are one run, by layer: a row's source is the last
+    row of its run at ``horizon`` layers less (a token may lack rows at some layers; of two
+    rows of one token and layer the later one counts)."""
+    n = order.shape[0]
+    a = 0
+    while a < n:
+        f = order[a]
+        b = a + 1
+        while b < n:
+            x = order[b]
+            if step[x] != step[f] or seq[x] != seq[f] or pos[x] != pos[f]:
+                break
+            b += 1
+        for j in range(a + 1, b):
+            r = order[j]
+            want = layer[r] - horizon
+            k = j - 1
+            while k >= a and layer[order[k]] > want:
+                k -= 1
+            if k >= a and layer[order[k]] == want:
+                src[r] = order[k]
+        a = b
+
+
+@njit(cache=True)
+def _source_by_table(seq, pos, step, layer, n_layers, horizon):
+    """:func:`source_rows` through a table ``row[token, layer]`` (token: ``base[seq] + pos``),
+    filled one step at a time, or None where the steps are not in order, an id is negative or
+    the table would hold over four entries per row (gaps in the positions; the caller then
+    sorts)."""
+    n = seq.shape[0]
+    top = n * 4 + 1024
+    for r in range(n):
+        if seq[r] < 0 or seq[r] >= top or pos[r] < 0 or (r > 0 and step[r] < step[r - 1]):
+            return None
+    last = np.full(seq.max() + 1, -1, np.int64)  # per sequence its highest position
+    for r in range(n):
+        last[seq[r]] = max(last[seq[r]], pos[r])
+    base = np.empty(last.shape[0], np.int64)
+    total = 0
+    for q in range(last.shape[0]):
+        base[q] = total
+        total += last[q] + 1
+        if total * n_layers > top:
+            return None
+    table = np.full(total * n_layers, -1, np.int64)
     src = np.full(n, -1, np.int64)
-    if horizon >= n:
-        return src
-    a = order[horizon:]
-    b = order[:-horizon]
-    same = (
-        (trace.step[a] == trace.step[b])
-        & (trace.seq[a] == trace.seq[b])
-        & (trace.pos[a] == trace.pos[b])
-        & (trace.layer[a].astype(np.int64) == trace.layer[b].astype(np.int64) + horizon)
-    )
-    src[a[same]] = b[same]
+    a = 0
+    while a < n:
+        b = a
+        while b < n and step[b] == step[a]:
+            b += 1
+        for r in range(a, b):  # the step's rows (a later duplicate wins, as in the sort)
+            table[(base[seq[r]] + pos[r]) * n_layers + layer[r]] = r
+        for r in range(a, b):
+            lay = layer[r] - horizon
+            if lay >= 0:
+                c = table[(base[seq[r]] + pos[r]) * n_layers + lay]
+                if c >= 0 and step[c] == step[r]:
+                    src[r] = c
+        a = b
     return src
 
 

@@ -132,6 +132,64 @@ def test_cross_layer_top6_rows_equal_twin(top_n):
     assert max(len(p) for p in got) == min(top_n, 16)
 
 
+def _rows_with_gaps(rng):
+    """(step, seq, pos, layer) rows, steps in order, rows shuffled inside each step: tokens
+    without rows at some layers, a few duplicated rows, and the same (seq, pos) in two steps
+    (a recomputed token)."""
+    rows = []
+    for s in range(6):
+        part = []
+        for q in rng.choice(5, 3, replace=False):
+            for p in rng.choice(4, int(rng.integers(1, 4)), replace=False):
+                for lay in range(5):
+                    if rng.random() < 0.75:
+                        part.append((s, q, p, lay))
+                    if rng.random() < 0.1:
+                        part.append((s, q, p, lay))
+        rng.shuffle(part)
+        rows += part
+    step, seq, pos, layer = (np.array(c) for c in zip(*rows, strict=True))
+    return step.astype(np.int64), seq.astype(np.int64), pos.astype(np.int32), layer.astype(np.int16)
+
+
+def _source_twin(step, seq, pos, layer, h):
+    row = {}
+    for r, key in enumerate(zip(step, seq, pos, layer, strict=True)):
+        row[key] = r  # of two rows of one token and layer, the later one
+    return [row.get((step[r], seq[r], pos[r], layer[r] - h), -1) for r in range(len(step))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("h", [1, 2, 3])
+def test_source_rows_table_and_sort_equal_twin(seed, h):
+    """The token table and the sort give the same source rows as a dict of tokens, with gaps
+    in the layers, duplicates and recomputed tokens; rows whose steps are out of order go to
+    the sort."""
+    from types import SimpleNamespace
+
+    step, seq, pos, layer = _rows_with_gaps(np.random.default_rng(seed))
+    tr = SimpleNamespace(step=step, seq=seq, pos=pos, layer=layer, num_rows=len(step),
+                         meta=SimpleNamespace(num_layers=5))  # fmt: skip
+    expect = _source_twin(step, seq, pos, layer, h)
+    assert max(expect) >= 0
+    table = history_predictors._source_by_table(seq, pos, step, layer.astype(np.int64), 5, h)
+    assert table is not None and table.tolist() == expect
+    assert history_predictors.source_rows_by_sort(tr, h).tolist() == expect
+    assert history_predictors.source_rows(tr, h).tolist() == expect
+    perm = np.random.default_rng(seed).permutation(len(step))  # steps out of order
+    tp = SimpleNamespace(step=step[perm], seq=seq[perm], pos=pos[perm], layer=layer[perm],
+                         num_rows=len(step), meta=tr.meta)  # fmt: skip
+    assert history_predictors._source_by_table(tp.seq, tp.pos, tp.step,
+                                               tp.layer.astype(np.int64), 5, h) is None  # fmt: skip
+    assert history_predictors.source_rows(tp, h).tolist() == _source_twin(
+        tp.step, tp.seq, tp.pos, tp.layer, h
+    )
+    wide = SimpleNamespace(**{**vars(tr), "pos": pos * 100_000})  # a table too large: the sort
+    assert history_predictors._source_by_table(seq, wide.pos, step, layer.astype(np.int64), 5,
+                                               h) is None  # fmt: skip
+    assert history_predictors.source_rows(wide, h).tolist() == expect
+
+
 def test_cross_layer_warm_counts_and_shape_check():
     rng = np.random.default_rng(5)
     train = random_trace(rng, layers=3, experts=6, top_k=2, sequences=4)
