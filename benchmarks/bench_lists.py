@@ -1,6 +1,6 @@
-"""Speed of what runs before a prefetching replay: MoE-Infinity's matching pass, the token count
-of a trace, and (with ``--learned``) the learned predictor's inference, each against plain timed
-LRU's whole ``run()`` measured in the same run.
+"""Speed of what runs before a prefetching replay: MoE-Infinity's matching pass, the cross-layer
+predictions, the token count of a trace, and (with ``--learned``) the learned predictor's
+inference, each against plain timed LRU's whole ``run()`` measured in the same run.
 
     python benchmarks/bench_lists.py [TRACE] [--capacities 1 100 1000] [--repeat 2]
                                      [--learned MODEL.npz]
@@ -9,6 +9,8 @@ Rows:
 - ``moe_infinity.build`` at each capacity (horizon 1, top 6, no warm collection): on all cores,
   and on one (``serial``: the blocks run in the calling thread). Capacity 1 is the part of the
   pass that does not grow with the collection.
+- ``history_predictors.cross_layer`` at horizon 1 (top 6, no warm counts), and the source rows
+  it starts from: the token table, and the sort that stays for other ids.
 - ``Trace.num_tokens``: the presence-table count, and the sort it replaced.
 - ``LearnedPredictor.predict(trace, 1)`` (with the model's horizon mix) where ``--learned``.
 """
@@ -20,7 +22,7 @@ import time
 
 from _common import best_of, default_trace
 
-from simulator import moe_infinity
+from simulator import history_predictors, moe_infinity
 from simulator.config import SimConfig
 from simulator.engine import prepare, run
 from traces.io import read_trace
@@ -66,6 +68,12 @@ def main() -> None:
             s = best(lambda c=cap, p=par_min: moe_infinity.build(trace, prep.acc, 1, 6, c,
                                                                  par_min=p))  # fmt: skip
             print(f"{f'moe_infinity.build capacity {cap}{label}':44s} {s:8.2f} {s / base:7.2f}")
+    s = best(lambda: history_predictors.cross_layer(trace, prep.acc, 1, 6))
+    print(f"{'history_predictors.cross_layer h 1, top 6':44s} {s:8.2f} {s / base:7.2f}")
+    s = best(lambda: history_predictors.source_rows(trace, 1))
+    print(f"{'source_rows h 1 (token table)':44s} {s:8.3f} {s / base:7.3f}")
+    s = best(lambda: history_predictors.source_rows_by_sort(trace, 1))
+    print(f"{'source_rows h 1 by sort':44s} {s:8.3f} {s / base:7.3f}")
     s = best(lambda: trace.num_tokens)
     print(f"{'Trace.num_tokens (presence table)':44s} {s:8.3f} {s / base:7.3f}")
     s = best(lambda: tokens_by_sort(trace.seq, trace.pos))

@@ -24,7 +24,7 @@ from numba import njit
 
 from traces._jit import HOT
 from traces.errors import ConfigError
-from traces.trace import Trace
+from traces.trace import Trace, token_base
 
 
 def default_top_n(trace: Trace) -> int:
@@ -150,20 +150,12 @@ def _source_by_table(seq, pos, step, layer, n_layers, horizon):
     the table would hold over four entries per row (gaps in the positions; the caller then
     sorts)."""
     n = seq.shape[0]
-    top = n * 4 + 1024
-    for r in range(n):
-        if seq[r] < 0 or seq[r] >= top or pos[r] < 0 or (r > 0 and step[r] < step[r - 1]):
+    for r in range(1, n):
+        if step[r] < step[r - 1]:
             return None
-    last = np.full(seq.max() + 1, -1, np.int64)  # per sequence its highest position
-    for r in range(n):
-        last[seq[r]] = max(last[seq[r]], pos[r])
-    base = np.empty(last.shape[0], np.int64)
-    total = 0
-    for q in range(last.shape[0]):
-        base[q] = total
-        total += last[q] + 1
-        if total * n_layers > top:
-            return None
+    base, total = token_base(seq, pos, n_layers, n * 4 + 1024)
+    if total < 0:
+        return None
     table = np.full(total * n_layers, -1, np.int64)
     src = np.full(n, -1, np.int64)
     a = 0

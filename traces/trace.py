@@ -109,20 +109,9 @@ def _tokens_by_table(seq, pos):
     30 M accesses), or -1 where the ids are negative or too sparse for a table of a few
     entries per row (the caller then sorts)."""
     n = seq.shape[0]
-    top = n * 4 + 1024
-    for r in range(n):
-        if seq[r] < 0 or seq[r] >= top or pos[r] < 0:
-            return -1
-    last = np.full(seq.max() + 1, -1, np.int64)  # per sequence its highest position
-    for r in range(n):
-        last[seq[r]] = max(last[seq[r]], pos[r])
-    base = np.empty(last.shape[0], np.int64)
-    total = 0
-    for q in range(last.shape[0]):
-        base[q] = total
-        total += last[q] + 1
-        if total > top * 2:
-            return -1
+    base, total = token_base(seq, pos, 1, n * 8 + 2048)
+    if total < 0:
+        return -1
     seen = np.zeros(total, np.bool_)
     count = 0
     for r in range(n):
@@ -131,3 +120,26 @@ def _tokens_by_table(seq, pos):
             seen[x] = True
             count += 1
     return count
+
+
+@njit(cache=True)
+def token_base(seq, pos, width, limit):
+    """A dense index of the (seq, pos) tokens for tables of ``width`` entries per token:
+    ``base[seq] + pos``, each sequence's positions 0 .. its highest. Returns ``(base, total)``
+    (tokens the table spans), or total -1 where an id is negative, a sequence id is over
+    ``limit`` or ``total * width`` would be (the caller then sorts instead)."""
+    n = seq.shape[0]
+    for r in range(n):
+        if seq[r] < 0 or seq[r] >= limit or pos[r] < 0:
+            return np.zeros(0, np.int64), -1
+    last = np.full(seq.max() + 1 if n else 0, -1, np.int64)  # per sequence its highest position
+    for r in range(n):
+        last[seq[r]] = max(last[seq[r]], pos[r])
+    base = np.empty(last.shape[0], np.int64)
+    total = 0
+    for q in range(last.shape[0]):
+        base[q] = total
+        total += last[q] + 1
+        if total * width > limit:
+            return base, -1
+    return base, total
