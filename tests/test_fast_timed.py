@@ -222,3 +222,53 @@ def test_fast_timed_moe_infinity_fractional_snapshots_use_the_general_kernel(mon
     prep = prepare(random_trace(rng, layers=3, experts=5, top_k=2, sequences=4, decode=5))
     _, _, ok = _both(prep, _cfg(6), "moe-infinity")
     assert ok is None
+
+
+@pytest.mark.parametrize("newer", ["lower", "higher"])
+def test_fast_mi_equal_sums_of_several_snapshots_go_by_priority(newer):
+    """Two residents of one layer with the same count summed over a group's two matched
+    snapshots (0 + 6 and 1 + 5), whose priorities, summed snapshot by snapshot as the general
+    kernel sums them, round apart: the victim is the lower priority, whichever is the more
+    recently used (by recency alone, a change the random traces did not catch). A resident of
+    another layer with a higher priority is not taken."""
+    from types import SimpleNamespace
+
+    from policies.moe_infinity import EPS, N_MATCH
+    from policies.state import IP_NLAYERS, OI_LAYER, RESIDENT
+    from simulator import fast_mi
+
+    n_layers, n_exp = 26, 4
+    n_obj = n_layers * n_exp
+    st = SimpleNamespace(
+        oi=np.zeros((n_obj, OI_LAYER + 1), np.int64),
+        ip=np.zeros(IP_NLAYERS + 1, np.int64),
+        of=np.zeros((n_obj, 2 + 2)),
+        nodes=np.full((1, 1 + N_MATCH), -1, np.int64),
+    )
+    st.oi[:, OI_LAYER] = np.repeat(np.arange(n_layers), n_exp)
+    st.ip[IP_NLAYERS] = n_layers
+    a, b, c = n_exp + 0, n_exp + 1, 2 * n_exp  # a, b at layer 1; c at layer 2
+    st.of[a, 2:] = [0, 6]
+    st.of[b, 2:] = [1, 5]
+    st.of[c, 2:] = [4, 4]
+    st.nodes[0, 1:3] = [0, 1]  # group 0 matched snapshots 0 and 1 (layer 0: cur = 0)
+
+    def prio(o):  # policies.moe_infinity.priority at layer 0, as written
+        d = (st.oi[o, OI_LAYER] - 0 - 1) % n_layers + 1
+        w = 1.0 - d / (n_layers + 1.0)
+        p = 0.0
+        for s in (0, 1):
+            p += (st.of[o, 2 + s] + EPS) * w
+        return p
+
+    assert st.of[a, 2:].sum() == st.of[b, 2:].sum() and prio(b) < prio(a) < prio(c)
+    mi = fast_mi.new_state(st, 1)
+    for o in (c, a, b) if newer == "lower" else (c, b, a):
+        fast_mi.admit(mi, o)
+    status = np.zeros(n_obj, np.int8)
+    status[[a, b, c]] = RESIDENT
+    pin = np.full(n_obj, -1, np.int64)
+    need_by = np.full(n_obj, 1 << 40, np.int64)
+    arrive = np.zeros(n_obj)
+    v = fast_mi.victim(mi, status, pin, need_by, arrive, 5, 6, (1 << 40) - 1, 0, 0.0, 0)
+    assert v == b
