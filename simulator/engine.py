@@ -6,7 +6,6 @@ access; it never loops per access itself.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +26,7 @@ from simulator import fast_count, fast_timed, prefetchers
 from simulator import kernels as K
 from simulator.accesses import Accesses, build_accesses
 from simulator.config import SimConfig
+from simulator.kernel_clock import KernelClock
 from simulator.prefetch_lists import empty_lists
 from traces.errors import ConfigError
 from traces.presets import DTYPE_BYTES
@@ -248,15 +248,16 @@ def run(
             pf_off, pf_obj, _ = empty_lists(acc.num_groups)
         reset = _bool_mask(reset_groups, acc.num_groups, "reset_groups")
         measure = _bool_mask(measure_groups, acc.num_groups, "measure_groups")
-        t0 = time.perf_counter()
-        if fast_count.applies(spec, st):  # LRU/FIFO: the list-only kernel, same counts
-            fast_count.replay_count(st, spec, acc, atomic, pf_off, pf_obj, reset, measure,
-                                    prep.obj_bytes, cnt, hits_layer, acc_layer)  # fmt: skip
-        else:
-            K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use,
-                           atomic, pf_off, pf_obj, reset, measure, prep.obj_bytes, cnt,
-                           hits_layer, acc_layer, *K.count_scratch(acc.num_objects))  # fmt: skip
-        kernel_s = time.perf_counter() - t0
+        with KernelClock() as clock:
+            if fast_count.applies(spec, st):  # LRU/FIFO: the list-only kernel, same counts
+                fast_count.replay_count(st, spec, acc, atomic, pf_off, pf_obj, reset, measure,
+                                        prep.obj_bytes, cnt, hits_layer, acc_layer)  # fmt: skip
+            else:
+                K.replay_count(*st, acc.group_offsets, acc.group_layer, acc.obj, prep.next_use,
+                               atomic, pf_off, pf_obj, reset, measure, prep.obj_bytes, cnt,
+                               hits_layer, acc_layer,
+                               *K.count_scratch(acc.num_objects))  # fmt: skip
+        kernel_s = clock.seconds
     else:
         if free_prefetch or reset_groups is not None or measure_groups is not None:
             raise ConfigError("free prefetch, cache resets and warm-up are count-mode settings")
@@ -266,21 +267,22 @@ def run(
         ev = (np.zeros(n_ev, np.int8), np.zeros(n_ev, np.int64), np.zeros(n_ev, np.int32),
               np.zeros(n_ev, np.float64), np.zeros(n_ev, np.float64))  # fmt: skip
         scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
-        t0 = time.perf_counter()
-        fast = fast_timed.applies(spec, st, n_ev)  # LRU, FIFO, LFU: the fast loop, same record
-        if fast and not fast_timed.replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt,
-                                          prep.obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
-                                          stall_layer, scratch):  # fmt: skip
-            fast = False  # it gave up (a deferred fetch): the general kernel, afresh
-            for a in (cnt, fl, hits_layer, acc_layer, stall_layer):
-                a[:] = 0
-            scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
-        if not fast:
-            K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step,
-                           acc.group_prefill, acc.group_decode, acc.obj, acc.count,
-                           prep.next_use, atomic, pf_off, pf_obj, pf_tgt, prep.obj_bytes, hw, cnt,
-                           fl, hits_layer, acc_layer, stall_layer, *ev, *scratch)  # fmt: skip
-        kernel_s = time.perf_counter() - t0
+        with KernelClock() as clock:
+            fast = fast_timed.applies(spec, st, n_ev)  # the fast loop where it applies, same record
+            if fast and not fast_timed.replay(st, spec, acc, atomic, pf_off, pf_obj, pf_tgt,
+                                              prep.obj_bytes, hw, cnt, fl, hits_layer, acc_layer,
+                                              stall_layer, scratch):  # fmt: skip
+                fast = False  # it gave up (a deferred fetch): the general kernel, afresh
+                for a in (cnt, fl, hits_layer, acc_layer, stall_layer):
+                    a[:] = 0
+                scratch = K.timed_scratch(acc.num_objects, cfg.link.engines)
+            if not fast:
+                K.replay_timed(*st, acc.group_offsets, acc.group_layer, acc.group_step,
+                               acc.group_prefill, acc.group_decode, acc.obj, acc.count,
+                               prep.next_use, atomic, pf_off, pf_obj, pf_tgt, prep.obj_bytes,
+                               hw, cnt, fl, hits_layer, acc_layer, stall_layer, *ev,
+                               *scratch)  # fmt: skip
+        kernel_s = clock.seconds
         if n_ev:
             n = int(cnt[K.C_EVENTS])
             events = pd.DataFrame({

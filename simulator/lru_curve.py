@@ -21,7 +21,6 @@ Where it is exact (tests/test_lru_curve.py checks every counter against replays)
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from simulator import kernels as K
 from simulator import stack_distance as S
 from simulator.config import SimConfig
 from simulator.engine import Prepared, _bool_mask, _result, geometry, run
+from simulator.kernel_clock import KernelClock
 
 
 @dataclass
@@ -98,11 +98,11 @@ def stack_profile(prep: Prepared, scope: str = "global", access: str = "sequenti
     cold_seen = np.zeros((n_part, d + 1), np.int64)
     kmax = np.zeros(n_part, np.int64)
     scratch = S.scratch(part_sizes, n_obj)
-    t0 = time.perf_counter()
-    S.stack_histograms(acc.obj, obj_part, acc.group_offsets, acc.group_layer,
-                       access == "atomic", reset, measure, *scratch, hit_hist, all_hist,
-                       cold_seen, kmax)  # fmt: skip
-    kernel_s = time.perf_counter() - t0
+    with KernelClock() as clock:
+        S.stack_histograms(acc.obj, obj_part, acc.group_offsets, acc.group_layer,
+                           access == "atomic", reset, measure, *scratch, hit_hist, all_hist,
+                           cold_seen, kmax)  # fmt: skip
+    kernel_s = clock.seconds
 
     def cum(h):  # cum[:, c] = sum of h[:, :c], c = 0..d (index d of h, cold, left out)
         out = np.zeros_like(h)
