@@ -1,7 +1,8 @@
 """Wall seconds inside a replay kernel, less numba's compiling or loading of it (``kernel_s``).
 
 The first call of a jitted kernel in a process compiles it, or loads it from numba's disk cache
-(about a second for the timed kernels, minutes to compile one afresh); later calls do neither.
+(here 1-2 s to load the replay kernels, a minute or more to compile one afresh); later calls
+do neither.
 ``kernel_s`` promises the kernel's own time, so a run must not count that first-call work, also
 where a library user calls ``run()`` without the CLI's warm-up. numba holds its compiler lock
 while it compiles or loads a kernel (and a thread waits on it while another thread does), and
