@@ -165,7 +165,7 @@ def row_predictions(prep, name: str, values: dict, horizon: int):
             warm = None
             if train:
                 warm = _memo(prep, ("cross-layer-warm", train, horizon),
-                             lambda: history_predictors.transition_counts(_read(train),
+                             lambda: history_predictors.transition_counts(_read(prep, train),
                                                                          horizon))  # fmt: skip
             return history_predictors.cross_layer(trace, prep.acc, horizon, top_n, warm)
 
@@ -216,10 +216,15 @@ def _with_text(trace):
     return dataclasses.replace(trace, token=full.token)
 
 
-def _read(path):
+def _read(prep, path):
+    """A training trace (``train=``, ``warm=``), read once per prepared trace: the transition
+    counts of each horizon and MoE-Infinity's warm collection all start from it (adaptive over
+    cross-layer used to read it once per horizon, about 1.5 s each for the DeepSeek training
+    set)."""
     from traces.io import read_trace
 
-    return read_trace(resolve_path(path), load_text=False)
+    path = resolve_path(path)
+    return _memo(prep, ("training trace", path), lambda: read_trace(path, load_text=False))
 
 
 def _row_issue_lists(prep, preds, horizon: int, same_step: bool = True):
@@ -240,7 +245,7 @@ def _moe_infinity(prep, values, horizon: int):
     def make():
         warm = None
         if warm_path:
-            wt = _read(warm_path)
+            wt = _read(prep, warm_path)
             if list(wt.meta.experts_per_layer) != list(prep.meta.experts_per_layer):
                 raise ConfigError(f"moe-infinity warm={warm_path}: its model shape differs "
                                   "from the replayed trace's")  # fmt: skip

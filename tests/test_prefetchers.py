@@ -780,3 +780,24 @@ def test_dense_seq_ranks_ids_as_unique_does():
         inv, n = history_predictors.dense_seq(SimpleNamespace(seq=ids))
         uniq, ref = np.unique(ids, return_inverse=True)
         assert n == uniq.size and np.array_equal(inv, ref) and inv.dtype == np.int64
+
+
+def test_training_trace_read_once_per_prepared_trace(tmp_path, monkeypatch):
+    """adaptive over cross-layer with train= needs transition counts at each horizon, and
+    MoE-Infinity's warm= the same file: it is read from disk once, not once per horizon."""
+    import traces.io
+
+    warm = _warm_file(tmp_path)
+    reads = []
+    real = traces.io.read_trace
+
+    def counting(path, *a, **k):
+        reads.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(traces.io, "read_trace", counting)
+    prep = prepare(_hand_trace(3, 4, 2, [[[0], [1], [2]], [[0], [1], [2]]]))
+    for pf in (f"adaptive:train={warm},max=3", f"cross-layer:train={warm}",
+               f"moe-infinity:warm={warm}"):  # fmt: skip
+        run(prep, _cfg(2, pf), "lru")
+    assert reads == [warm]
