@@ -12,7 +12,8 @@ Rows:
 - ``history_predictors.cross_layer`` at horizon 1 (top 6, no warm counts), and the source rows
   it starts from: the token table, and the sort that stays for other ids.
 - ``Trace.num_tokens``: the presence-table count, and the sort it replaced.
-- ``LearnedPredictor.predict(trace, 1)`` (with the model's horizon mix) where ``--learned``.
+- ``LearnedPredictor.predict(trace, 1)`` (with the model's horizon mix) where ``--learned``, and
+  all the model's horizons in one pass (``predict_many``) against one ``predict`` per horizon.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def main() -> None:
         model = LearnedPredictor.load(args.learned)
         s = best(lambda: model.predict(trace, 1))
         print(f"{'LearnedPredictor.predict(h=1, with its mix)':44s} {s:8.2f} {s / base:7.2f}")
+        hs = model.horizons
+        s = best(lambda: model.predict_many(trace, hs))
+        print(f"{f'predict_many(h {hs}) in one pass':44s} {s:8.2f} {s / base:7.2f}")
+        s = best(lambda: [model.predict(trace, h) for h in hs])
+        print(f"{f'predict at h {hs}, one call each':44s} {s:8.2f} {s / base:7.2f}")
 
 
 if __name__ == "__main__":

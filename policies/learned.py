@@ -774,12 +774,19 @@ class LearnedPredictor:
     def log_probs(self, trace: Trace, horizon: int, _prep=None) -> np.ndarray:
         """float32[n, E]: log-probabilities of each row's experts from the ``horizon`` network(s)
         (the mean over an ensemble); -inf for expert ids a layer does not have."""
-        nets = self._net(horizon)
+        self._net(horizon)
         self.check_trace(trace)
         prep = _prep or self._prepare(trace)
-        n = trace.num_rows
-        E = max(self.shape["experts_per_layer"])
-        out = np.zeros((n, E), _DT)
+        out = np.zeros((trace.num_rows, max(self.shape["experts_per_layer"])), _DT)
+        for sel, lps in self._block_log_probs(trace, prep, [int(horizon)]):
+            out[sel] = lps[int(horizon)]
+        return out
+
+    def _block_log_probs(self, trace: Trace, prep, horizons):
+        """Yields ``(rows, {h: float32[len(rows), E]})``: :meth:`log_probs` of each horizon in
+        ``horizons`` for one block of rows at a time (rows of one target layer, at most 8,192),
+        the same numbers as over the whole trace; every horizon's networks see each block."""
+        n_e = max(self.shape["experts_per_layer"])
         F = self._max_feats(trace)
         chunk = 8192
         feats = np.empty((chunk, F), np.int32)
@@ -794,16 +801,35 @@ class LearnedPredictor:
             for i in range(0, idx.shape[0], chunk):
                 sel = idx[i : i + chunk]
                 nb = sel.shape[0]
-                self._feats(prep, trace, sel, horizon, feats[:nb], vals[:nb], nf[:nb])
-                acc = np.zeros((nb, E), _DT)
-                for net in nets:
-                    with blas_threads(1):
-                        lg = net.forward(feats[:nb], vals[:nb], nf[:nb], L, parallel=par)[0]
-                    lg[:, epl[L] :] = -np.inf
-                    lg -= lg.max(axis=1, keepdims=True)
-                    lg -= np.log(np.exp(lg).sum(axis=1, keepdims=True))
-                    acc += lg
-                out[sel] = acc / len(nets)
+                lps = {}
+                for h in horizons:
+                    nets = self._net(h)
+                    self._feats(prep, trace, sel, h, feats[:nb], vals[:nb], nf[:nb])
+                    acc = np.zeros((nb, n_e), _DT)
+                    for net in nets:
+                        with blas_threads(1):
+                            lg = net.forward(feats[:nb], vals[:nb], nf[:nb], L, parallel=par)[0]
+                        lg[:, epl[L] :] = -np.inf
+                        lg -= lg.max(axis=1, keepdims=True)
+                        lg -= np.log(np.exp(lg).sum(axis=1, keepdims=True))
+                        acc += lg
+                    lps[h] = acc / len(nets)
+                yield sel, lps
+
+    def _mix(self, mix) -> float:
+        mix = self.cfg.horizon_mix if mix is None else float(mix)
+        if mix < 0:
+            raise ConfigError(f"horizon mix: expected a number >= 0, got {mix}")
+        return mix
+
+    def _mixed(self, lps: dict, horizon: int, mix: float) -> np.ndarray:
+        """The ranking scores at ``horizon`` from the horizons' log-probabilities (see
+        :meth:`scores`): a new array, summed in the same order as there."""
+        out = lps[horizon].copy()
+        if mix > 0:
+            for h in self.horizons:
+                if h > horizon:
+                    out += mix * lps[h]
         return out
 
     def scores(self, trace: Trace, horizon: int, mix: float | None = None) -> np.ndarray:
@@ -816,9 +842,7 @@ class LearnedPredictor:
         """
         horizon = int(horizon)
         self._net(horizon)
-        mix = self.cfg.horizon_mix if mix is None else float(mix)
-        if mix < 0:
-            raise ConfigError(f"horizon mix: expected a number >= 0, got {mix}")
+        mix = self._mix(mix)
         self.check_trace(trace)
         prep = self._prepare(trace)
         out = self.log_probs(trace, horizon, prep)
@@ -830,25 +854,46 @@ class LearnedPredictor:
 
     def predict(self, trace: Trace, horizon: int, k: int | None = None, mix=None):
         """Top-k predicted experts of every row, best first, as CSR (offsets, ids)."""
+        return self.predict_many(trace, [horizon], k, mix)[int(horizon)]
+
+    def predict_many(self, trace: Trace, horizons, k: int | None = None, mix=None) -> dict:
+        """:meth:`predict` at each of ``horizons``: ``{h: (offsets, ids)}``, the same as one call
+        per horizon, in one pass over the rows. Each network runs once per row, where separate
+        calls ran a network once for its own horizon and once more for every shorter horizon
+        whose mix uses it (at horizons 1, 2, 4: six passes, here three), and no (rows x
+        experts) score matrix of the whole trace is held."""
         if k is None:
             k = self.shape["top_k"] or self.info.get("mean_k") or 1
         k = int(k)
         if k < 1:
             raise ConfigError(f"top_k: expected an integer >= 1, got {k}")
-        lg = self.scores(trace, horizon, mix)
-        n, E = lg.shape
+        want = sorted({int(h) for h in horizons})
+        for h in want:
+            self._net(h)
+        mix = self._mix(mix)
+        self.check_trace(trace)
+        n = trace.num_rows
+        E = max(self.shape["experts_per_layer"])
         kk = min(k, E)
-        if n == 0:
-            return np.zeros(1, np.int64), np.zeros(0, np.int16)
-        part = np.argpartition(-lg, kk - 1, axis=1)[:, :kk]
-        ps = np.take_along_axis(lg, part, axis=1)
-        ranked = np.take_along_axis(part, np.argsort(-ps, axis=1, kind="stable"), axis=1)
         epl = np.asarray(self.shape["experts_per_layer"])
         klen = np.minimum(kk, epl[trace.layer])  # a layer with fewer experts than k
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(klen, out=offsets[1:])
+        if n == 0:
+            return {h: (np.zeros(1, np.int64), np.zeros(0, np.int16)) for h in want}
+        need = set(want)
+        if mix > 0:
+            need |= {h for h in self.horizons if h > want[0]}
+        ranked = {h: np.empty((n, kk), np.int64) for h in want}
+        for sel, lps in self._block_log_probs(trace, self._prepare(trace), sorted(need)):
+            for h in want:
+                lg = self._mixed(lps, h, mix)
+                part = np.argpartition(-lg, kk - 1, axis=1)[:, :kk]
+                ps = np.take_along_axis(lg, part, axis=1)
+                ranked[h][sel] = np.take_along_axis(part, np.argsort(-ps, axis=1, kind="stable"),
+                                                    axis=1)  # fmt: skip
         keep = np.arange(kk)[None, :] < klen[:, None]
-        return offsets, ranked[keep].astype(np.int16)
+        return {h: (offsets.copy(), ranked[h][keep].astype(np.int16)) for h in want}
 
     def _net(self, horizon: int) -> list[_Net]:
         h = int(horizon)

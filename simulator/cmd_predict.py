@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
         trace = read_trace(args.trace, load_text=True)  # keep every column, text included
         model.check_trace(trace, where=f"model {args.model}")
         t0 = time.perf_counter()
-        for h in horizons:
-            trace.preds[int(h)] = model.predict(trace, h, args.top_k, args.horizon_mix)
+        trace.preds.update(model.predict_many(trace, horizons, args.top_k, args.horizon_mix))
         pred_s = time.perf_counter() - t0
         ours = sorted(int(h) for h in horizons)
         others = sorted(set(trace.preds) - set(ours))

@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
         from simulator.prediction import score_predictions, score_table
 
         scores = []
+        valid.preds.update(model.predict_many(valid, model.horizons))
         for h in model.horizons:
-            valid.preds[h] = model.predict(valid, h)
             for skip in sorted({0, args.skip_first}):
                 s = score_predictions(valid, h, skip)
                 s["label"] = "valid"

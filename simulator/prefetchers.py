@@ -172,8 +172,8 @@ def row_predictions(prep, name: str, values: dict, horizon: int):
         return _memo(prep, ("cross-layer", train, horizon, top_n), make)
     if name == "learned":
         model_path = resolve_path(values["model"])
-
-        def make():
+        key = ("learned", str(model_path), horizon, top_n)
+        if key not in prep.cache:
             from policies.learned import LearnedPredictor
 
             model = LearnedPredictor.load(model_path)
@@ -182,9 +182,16 @@ def row_predictions(prep, name: str, values: dict, horizon: int):
             if horizon not in model.horizons:
                 raise ConfigError(f"{model_path}: the model predicts horizons "
                                   f"{model.horizons}, not {horizon}")  # fmt: skip
-            return model.predict(src, horizon, top_n)
-
-        return _memo(prep, ("learned", str(model_path), horizon, top_n), make)
+            # the mix reads every longer horizon's networks anyway: predict those horizons in
+            # the same pass (adaptive asks for them next), each kept under its own key
+            hs = (
+                [h for h in model.horizons if h >= horizon]
+                if model.cfg.horizon_mix > 0
+                else [horizon]
+            )
+            for h, pred in model.predict_many(src, hs, top_n).items():
+                prep.cache[("learned", str(model_path), h, top_n)] = pred
+        return prep.cache[key]
     raise ConfigError(f"prefetcher '{name}' gives no per-row predictions")
 
 

@@ -170,6 +170,25 @@ def test_ensemble_and_horizon_mix(tmp_path):
     np.testing.assert_allclose(lp1, (one.log_probs(tr, 1) + two.log_probs(tr, 1)) / 2, rtol=1e-5)
 
 
+def test_predict_many_equals_one_horizon_at_a_time_and_the_scores():
+    """All horizons in one pass (each network once per row) give what one call per horizon
+    gives, and both are the top k of the horizon's scores (the mix of the longer horizons'
+    log-probabilities), best first."""
+    tr = _planted(np.random.default_rng(5), sequences=8)
+    cfg = LearnedConfig(horizons=[1, 2, 3], hidden=16, epochs=1, batch=64)
+    model = LearnedPredictor.train(tr, cfg)
+    for mix in (None, 0.0, 1.5):
+        many = model.predict_many(tr, [3, 1, 2], 3, mix)
+        assert sorted(many) == [1, 2, 3]
+        for h in (1, 2, 3):
+            off, ids = model.predict(tr, h, 3, mix)
+            assert np.array_equal(many[h][0], off) and np.array_equal(many[h][1], ids)
+            assert np.array_equal(off, np.arange(tr.num_rows + 1) * 3)
+            best = np.argsort(-model.scores(tr, h, mix), axis=1, kind="stable")[:, :3]
+            assert np.array_equal(ids.reshape(-1, 3), best)
+    assert not np.array_equal(many[1][1], model.predict(tr, 1, 3, 0.0)[1])  # the mix counts
+
+
 def test_load_errors(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
