@@ -824,7 +824,7 @@ class LearnedPredictor:
 
     def _mixed(self, lps: dict, horizon: int, mix: float) -> np.ndarray:
         """The ranking scores at ``horizon`` from the horizons' log-probabilities (see
-        :meth:`scores`): a new array, summed in the same order as there."""
+        :meth:`scores`): a new array, the longer horizons added in increasing order."""
         out = lps[horizon].copy()
         if mix > 0:
             for h in self.horizons:
@@ -844,12 +844,10 @@ class LearnedPredictor:
         self._net(horizon)
         mix = self._mix(mix)
         self.check_trace(trace)
-        prep = self._prepare(trace)
-        out = self.log_probs(trace, horizon, prep)
-        if mix > 0:
-            for h in self.horizons:
-                if h > horizon:
-                    out += mix * self.log_probs(trace, h, prep)
+        need = [horizon] + ([h for h in self.horizons if h > horizon] if mix > 0 else [])
+        out = np.zeros((trace.num_rows, max(self.shape["experts_per_layer"])), _DT)
+        for sel, lps in self._block_log_probs(trace, self._prepare(trace), need):
+            out[sel] = self._mixed(lps, horizon, mix)
         return out
 
     def predict(self, trace: Trace, horizon: int, k: int | None = None, mix=None):
