@@ -8,8 +8,13 @@ activation-aware eviction (``--policy moe-infinity``), without prefetching and w
 prefetcher, on the timed fast path (simulator/fast_mi.py) and on the general kernel; the two
 records must be equal.
 
+``--sweep N`` adds what a sweep costs: N configurations of one trace (cache fractions from 5%
+to 50% at PCIe 4.0 and 5.0 bandwidths) run one after another in one process, for plain LRU and
+for each prefetcher, the lists built once (as `moesim sweep` does: they depend on the trace and
+the prefetcher, not on the cache or the link) and reused.
+
     python benchmarks/bench_prefetchers.py [TRACE] [--fraction 0.1] [--repeat N] [--learned M.npz]
-        [--eviction]
+        [--eviction] [--sweep N]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 from _common import REPO, best_of, default_trace
 
 from simulator.config import SimConfig
@@ -32,6 +38,8 @@ def main() -> None:
     ap.add_argument("--learned", help="model file from `moesim train` (adds learned rows)")
     ap.add_argument("--eviction", action="store_true",
                     help="add MoE-Infinity's eviction, fast path and general kernel")  # fmt: skip
+    ap.add_argument("--sweep", type=int, default=0,
+                    help="also time N cache/bandwidth configurations per prefetcher")  # fmt: skip
     ap.add_argument("--prefetchers", nargs="+", default=[
         "oracle", "prev-token", "cross-layer", "moe-infinity", "moe-infinity:capacity=100",
         "adaptive"])  # fmt: skip
@@ -82,6 +90,8 @@ def main() -> None:
             f"{pf[:34]:34s} {wall:8.2f} {wall / base_wall:6.2f} {kern:8.2f} "
             f"{kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
         )
+    if args.sweep > 0:
+        sweep(prep, ["none", *pfs], args.sweep)
     if args.eviction:
         from simulator import fast_timed
 
@@ -126,6 +136,43 @@ def main() -> None:
             f"{'trace (learned, precomputed)':34s} {wall:8.2f} {wall / base_wall:6.2f} "
             f"{kern:8.2f} {kern / base_kernel:6.2f} {rec['hit_rate']:8.4f} {rec['stall_s']:8.1f}"
         )
+
+
+def sweep_configs(n: int) -> list[tuple[float, float]]:
+    """``n`` (cache fraction, bandwidth GB/s) pairs: fractions spread from 5% to 50%, each at
+    PCIe 4.0 (25 GB/s) and 5.0 (50 GB/s)."""
+    fracs = np.linspace(0.05, 0.5, (n + 1) // 2)
+    return [(float(f), bw) for f in fracs for bw in (25.0, 50.0)][:n]
+
+
+def sweep(prep, pfs: list[str], n: int) -> None:
+    """Wall time of ``n`` timed runs per prefetcher in a row, lists built once (the memo
+    cleared before each prefetcher's first run), against plain LRU's ``n`` runs."""
+    points = sweep_configs(n)
+    print(f"\nsweep of {len(points)} configurations (fractions "
+          f"{points[0][0]:.2f}-{points[-1][0]:.2f}, 25 and 50 GB/s), one process, lists built "
+          "once per prefetcher:")  # fmt: skip
+    print(f"{'prefetcher':34s} {'total s':>8s} {'x LRU':>6s} {'per run s':>9s} "
+          f"{'first run s':>11s}")  # fmt: skip
+    base = None
+    for pf in pfs:
+        prep.cache.clear()
+        walls = []
+        for frac, bw in points:
+            cfg = SimConfig()
+            cfg.cache.fraction = frac
+            cfg.link.bandwidth_gbps = bw
+            cfg.replay.mode = "timed"
+            cfg.replay.prefetch = pf
+            cfg.validate()
+            t = time.perf_counter()
+            run(prep, cfg, "lru")
+            walls.append(time.perf_counter() - t)
+        total = sum(walls)
+        base = total if base is None else base
+        label = "none (plain LRU)" if pf == "none" else pf
+        print(f"{label[:34]:34s} {total:8.2f} {total / base:6.2f} {total / len(walls):9.2f} "
+              f"{walls[0]:11.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
