@@ -6,9 +6,10 @@ inference, each against plain timed LRU's whole ``run()`` measured in the same r
                                      [--learned MODEL.npz]
 
 Rows:
-- ``moe_infinity.build`` at each capacity (horizon 1, top 6, no warm collection): on all cores,
-  and on one (``serial``: the blocks run in the calling thread). Capacity 1 is the part of the
-  pass that does not grow with the collection.
+- ``moe_infinity.match`` at each capacity (no warm collection): on all cores, and on one
+  (``serial``: the blocks run in the calling thread). Capacity 1 is the part of the pass that
+  does not grow with the collection. Then ``issue_lists`` from those matches (horizon 1, top 6):
+  ``build`` is the two.
 - ``history_predictors.cross_layer`` at horizon 1 (top 6, no warm counts), and the source rows
   it starts from: the token table, and the sort that stays for other ids.
 - ``Trace.num_tokens``: the presence-table count, and the sort it replaced.
@@ -66,9 +67,12 @@ def main() -> None:
     print(f"{'plain timed LRU run() (10%, the baseline)':44s} {base:8.2f} {1.0:7.2f}")
     for cap in args.capacities:
         for label, par_min in (("", moe_infinity.PAR_MIN), (" serial", 1 << 62)):
-            s = best(lambda c=cap, p=par_min: moe_infinity.build(trace, prep.acc, 1, 6, c,
+            s = best(lambda c=cap, p=par_min: moe_infinity.match(trace, prep.acc, c,
                                                                  par_min=p))  # fmt: skip
-            print(f"{f'moe_infinity.build capacity {cap}{label}':44s} {s:8.2f} {s / base:7.2f}")
+            print(f"{f'moe_infinity.match capacity {cap}{label}':44s} {s:8.2f} {s / base:7.2f}")
+        m = moe_infinity.match(trace, prep.acc, cap)
+        s = best(lambda m=m: moe_infinity.issue_lists(trace, prep.acc, m, 1, 6))
+        print(f"{'  its issue_lists h 1, top 6':44s} {s:8.2f} {s / base:7.2f}")
     s = best(lambda: history_predictors.cross_layer(trace, prep.acc, 1, 6))
     print(f"{'history_predictors.cross_layer h 1, top 6':44s} {s:8.2f} {s / base:7.2f}")
     s = best(lambda: history_predictors.source_rows(trace, 1))

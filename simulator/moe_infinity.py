@@ -24,15 +24,21 @@ for layers far ahead (the simulator reserves a slot when a transfer is issued). 
 sequences join the collection at the end of the step in which they finish.
 
 Everything here depends only on the trace, so it runs once before the replay (and is memoised
-for every run on the same prepared trace), in numba: incremental dot products (one vector update
-over the collection per access) and one suffix pass per sequence and step give every layer's
-match in O(collection x layers) per step. The counts and dot products are integers, kept in
-int16/int32 where they fit (:func:`counts_fit_int`; else float32, exact below 2**24); the
-per-layer cosines and their sums over layers are float32, eight to a vector instruction.
-Between two changes of the collection the entries are fixed, so that work is done in blocks of
-entries, each block through a whole segment of the trace while its part of the collection stays
-in cache, the blocks spread over the cores; the result is the same, number for number, as one
-pass in trace order (tests/test_prefetchers.py).
+for every run on the same prepared trace) in two passes. :func:`match` finds every group's
+matched matrices; they depend on the collection's capacity and warm start only, not on the
+horizon or ``top_n``, so a sweep over horizons matches once. :func:`issue_lists` turns the
+matches into prefetch requests (each matched matrix's top experts at the next ``horizon``
+layers, by priority).
+
+The matching runs in numba: incremental dot products (one vector update over the collection per
+access) and one suffix pass per sequence and step give every layer's match in O(collection x
+layers) per step. The counts and dot products are integers, kept in int16/int32 where they fit
+(:func:`counts_fit_int`; else float32, exact below 2**24); the per-layer cosines and their sums
+over layers are float32, eight to a vector instruction. Between two changes of the collection
+the entries are fixed, so that work is done in blocks of entries, each block through a whole
+segment of the trace while its part of the collection stays in cache, the blocks spread over
+the cores; the result is the same, number for number, as one pass in trace order
+(tests/test_prefetchers.py).
 """
 
 from __future__ import annotations
@@ -100,7 +106,23 @@ def build(
     seg_runs: int = SEG_RUNS,
     int_counts: bool | None = None,
 ):
-    """Prefetch issue lists (by issuing group: ``off``, ``obj``, ``tgt``) and the matches.
+    """Prefetch issue lists (by issuing group: ``off``, ``obj``, ``tgt``) and the matches:
+    :func:`match`, then :func:`issue_lists` (see those for the arguments)."""
+    m = match(trace, acc, capacity, warm, chunk, par_min, seg_runs, int_counts)
+    return issue_lists(trace, acc, m, horizon, top_n), m
+
+
+def match(
+    trace: Trace,
+    acc,
+    capacity: int = 1000,
+    warm: np.ndarray | None = None,
+    chunk: int = 0,
+    par_min: int = PAR_MIN,
+    seg_runs: int = SEG_RUNS,
+    int_counts: bool | None = None,
+) -> Matches:
+    """Every group's matched matrices (and every matrix that entered the collection).
 
     ``warm``: float32[n, L, E] matrices that fill the collection first (the last ``capacity``).
     ``chunk`` (entries per block of the matching pass; 0: sized so a block of the collection
@@ -126,16 +148,123 @@ def build(
         chunk = max(16, (1 << 20) // (e_proto.itemsize * n_layers * e_max) // 16 * 16)
     if not parallel_ok():  # see traces._jit.parallel_ok: the blocks run in this thread
         par_min = 1 << 62
-    res = _match(acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd,
-                 trace.offsets, trace.experts, n_seq, n_layers, e_max, acc.layer_base,
-                 int(capacity), int(horizon), int(top_n), warm, int(chunk), int(par_min),
-                 int(numba.get_num_threads()), max(1, int(seg_runs)), e_proto, d_proto)  # fmt: skip
-    off, obj, tgt, m_off, m_ids, snap_eam, n_snap = res
+    m_off, m_ids, snap_eam, n_snap = _match(
+        acc.row_group, acc.group_step, acc.group_layer.astype(np.int64), seqd, trace.offsets,
+        trace.experts, n_seq, n_layers, e_max, int(capacity), warm, int(chunk), int(par_min),
+        int(numba.get_num_threads()), max(1, int(seg_runs)), e_proto, d_proto)  # fmt: skip
     snap = snap_eam[:n_snap].reshape(n_snap, n_layers * e_max)
     # by object id: layer_base[l] + e (layers may have fewer experts than e_max)
     cols = np.concatenate([l * e_max + np.arange(n) for l, n in
                            enumerate(trace.meta.experts_per_layer)])  # fmt: skip
-    return (off, obj, tgt), Matches(np.ascontiguousarray(snap[:, cols]), m_off, m_ids)
+    return Matches(np.ascontiguousarray(snap[:, cols]), m_off, m_ids)
+
+
+def issue_lists(trace: Trace, acc, matches: Matches, horizon: int, top_n: int):
+    """MoE-Infinity's prefetch requests by issuing group (``off`` int64[G+1], ``obj`` int32,
+    ``tgt`` int64: the target group), from ``matches``.
+
+    At a group of layer ``l``, each matched matrix ``M`` (one per sequence of the group, in
+    the order of :class:`Matches`) names its ``top_n`` experts with the highest counts (> 0;
+    ties: the lower id) at each layer ``l' = l+1 .. l+horizon`` of the same step, with priority
+    ``(M[l', e] + 1e-8) * (1 - (l' - l) / (L + 1))``; an expert named by several matrices adds
+    their priorities. The requests go out in descending priority (ties: first named first).
+    (Written in one thread: two threads writing halves were no faster here, the first touch
+    of the fresh output pages dominating.)"""
+    n_layers = trace.meta.num_layers
+    base = acc.layer_base
+    top_o, top_v, n_top = _snap_tops(matches.snap, base, n_layers, max(1, int(top_n)))
+    n_groups = acc.group_step.shape[0]
+    room = max(1, int((matches.off[-1] - matches.off[0]) * int(horizon) * int(top_n)))
+    out_obj = np.empty(room, np.int32)  # at most horizon x top_n per matched matrix
+    out_tgt = np.empty(room, np.int64)
+    off = np.zeros(n_groups + 1, np.int64)
+    n = _write_lists(acc.group_step, acc.group_layer.astype(np.int64), matches.off,
+                     matches.ids, top_o, top_v, n_top, int(horizon), n_layers,
+                     int(base[n_layers]), out_obj, out_tgt, off)  # fmt: skip
+    return off, out_obj[:n], out_tgt[:n]
+
+
+@njit(cache=True)
+def _snap_tops(snap, base, n_layers, top_n):
+    """Every snapshot's ``top_n`` experts per layer (as object ids, highest count first, ties
+    in expert order, counts > 0 only), their counts and their number."""
+    n_snap = snap.shape[0]
+    top_o = np.zeros((n_snap, n_layers, top_n), np.int64)
+    top_v = np.zeros((n_snap, n_layers, top_n), np.float32)
+    n_top = np.zeros((n_snap, n_layers), np.int64)
+    top_e = np.empty(top_n, np.int64)
+    for s in range(n_snap):
+        for lay in range(n_layers):
+            row = snap[s, base[lay] : base[lay + 1]]
+            m = _top_counts(row, row.shape[0], top_n, top_e)
+            n_top[s, lay] = m
+            for t in range(m):
+                top_o[s, lay, t] = base[lay] + top_e[t]
+                top_v[s, lay, t] = row[top_e[t]]
+    return top_o, top_v, n_top
+
+
+@njit(cache=True)
+def _write_lists(g_step, g_layer, m_off, m_ids, top_o, top_v, n_top, horizon, n_layers, n_obj,
+                 out_obj, out_tgt, off):  # fmt: skip
+    """The loop of :func:`issue_lists`: every group's requests into ``out_obj``/``out_tgt``,
+    its offsets into ``off``; returns the number of requests."""
+    L = n_layers
+    n_groups = g_step.shape[0]
+    cand_p = np.zeros(n_obj, np.float64)
+    cand_stamp = np.full(n_obj, -1, np.int64)
+    cand_list = np.empty(n_obj, np.int64)
+    cand_tgt = np.empty(n_obj, np.int64)
+    layer_group = np.full(L, -1, np.int64)
+    n_out = 0
+    step_hi = 0
+    for gg in range(n_groups):
+        if gg >= step_hi:  # a new step: which group holds each layer
+            step_hi = gg
+            while step_hi < n_groups and g_step[step_hi] == g_step[gg]:
+                step_hi += 1
+            for lay in range(L):
+                layer_group[lay] = -1
+            for g2 in range(gg, step_hi):
+                layer_group[g_layer[g2]] = g2
+        lay = g_layer[gg]
+        last = min(lay + horizon, L - 1)
+        n_c = 0
+        for x in range(m_off[gg], m_off[gg + 1]):
+            sn = m_ids[x]
+            for tl in range(lay + 1, last + 1):
+                tg = layer_group[tl]
+                if tg < 0:
+                    continue
+                decay = 1.0 - (tl - lay) / (L + 1.0)
+                for t in range(n_top[sn, tl]):
+                    o = top_o[sn, tl, t]
+                    pr = (top_v[sn, tl, t] + EPS) * decay
+                    if cand_stamp[o] != gg:
+                        cand_stamp[o] = gg
+                        cand_p[o] = pr
+                        cand_list[n_c] = o
+                        cand_tgt[n_c] = tg
+                        n_c += 1
+                    else:
+                        cand_p[o] += pr
+        # descending priority (stable: first named first on ties)
+        for x in range(1, n_c):
+            o = cand_list[x]
+            tg = cand_tgt[x]
+            y = x
+            while y > 0 and cand_p[cand_list[y - 1]] < cand_p[o]:
+                cand_list[y] = cand_list[y - 1]
+                cand_tgt[y] = cand_tgt[y - 1]
+                y -= 1
+            cand_list[y] = o
+            cand_tgt[y] = tg
+        for x in range(n_c):
+            out_obj[n_out] = cand_list[x]
+            out_tgt[n_out] = cand_tgt[x]
+            n_out += 1
+        off[gg + 1] = n_out
+    return n_out
 
 
 def counts_fit_int(trace: Trace, seqd: np.ndarray, n_seq: int, warm: np.ndarray) -> bool:
@@ -224,15 +353,14 @@ def _plan(row_group, g_step, seqd, n_seq, n_groups):
 
 @njit(cache=True)
 def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, e_max,
-           layer_base, capacity, horizon, top_n, warm, chunk, par_min, n_threads,
-           seg_runs, e_proto, d_proto):  # fmt: skip
+           capacity, warm, chunk, par_min, n_threads, seg_runs, e_proto, d_proto):  # fmt: skip
     """The matching pass. The trace is cut into segments of at most ``seg_runs`` runs that end
     at the latest where the collection changes (after a step in which sequences finish). Per
     segment: (1) the sequences' matrices move and each record (a sequence's first run in a
     step) notes its per-layer weights; (2) the dot products with the collection and the
     records' best matches are computed in blocks of ``chunk`` entries, each block over the
     whole segment (its part of the collection stays in cache; blocks run on several cores when
-    the segment is large); (3) the blocks' bests are merged and the prefetch lists written.
+    the segment is large); (3) the blocks' bests are merged into each group's matches.
     Every number is computed as by one pass in trace order: same operations, same order."""
     n_groups = g_step.shape[0]
     L = n_layers
@@ -243,9 +371,6 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     # the collection, transposed for the per-access update: ecol[l, e, k]
     ecol = np.zeros((L, e_max, C), e_proto.dtype)
     inv_e = np.zeros((L, C), np.float32)  # 1 / |row l of entry k| (0 for an empty row)
-    top_e = np.zeros((C, L, max(1, top_n)), np.int64)  # each entry's top experts per layer
-    top_v = np.zeros((C, L, max(1, top_n)), np.float32)
-    n_top = np.zeros((C, L), np.int64)
     matched = np.zeros(C, np.int64)
     born = np.zeros(C, np.int64)
     entry_snap = np.full(C, -1, np.int64)
@@ -282,20 +407,9 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     b_ucnt = np.zeros((max_chunks, e_max), np.float32)
     b_ulist = np.empty((max_chunks, e_max), np.int64)
     # output
-    cap_out = max(16, n_groups * horizon * top_n)
-    out_obj = np.empty(cap_out, np.int32)
-    out_tgt = np.empty(cap_out, np.int64)
-    out_off = np.zeros(n_groups + 1, np.int64)
     m_off = np.zeros(n_groups + 1, np.int64)
     m_ids = np.empty(n_groups + 16, np.int64)
-    n_out = 0
     n_m = 0
-    # per group scratch
-    cand_p = np.zeros(layer_base[L], np.float64)
-    cand_stamp = np.full(layer_base[L], -1, np.int64)
-    cand_list = np.empty(layer_base[L], np.int64)
-    cand_tgt = np.empty(layer_base[L], np.int64)
-    layer_group = np.full(L, -1, np.int64)
     finished = np.empty(n_slots, np.int64)
     seen = np.full(n_seq, -1, np.int64)
     fin_mark = np.full(n_seq, -1, np.int64)
@@ -305,7 +419,7 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
     for w in range(warm.shape[0]):
         k = n_entries
         n_entries += 1
-        _store(ecol, inv_e, top_e, top_v, n_top, warm[w], k, e_max, L, layer_base, top_n)
+        _store(ecol, inv_e, warm[w], k, e_max, L)
         matched[k] = 0
         born[k] = clock
         clock += 1
@@ -314,8 +428,6 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
         n_snap += 1
 
     n_fin = 0
-    step_lo = 0  # the groups of the step being written: step_lo .. step_hi-1
-    step_hi = 0
     ga = 0
     while ga < n_groups:
         # the segment: groups ga .. gb-1, ending after a step in which sequences finish
@@ -391,17 +503,8 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
                            bv, bk, L, e_max, b_suffix, b_ucnt, b_ulist)  # fmt: skip
         else:
             n_chunks = 0
-        # (3) per group: merge the records' best matches; prefetch candidates
+        # (3) per group: merge the records' best matches
         for gg in range(ga, gb):
-            if gg >= step_hi:  # a new step: which group holds each layer
-                step_lo = gg
-                step_hi = gg
-                while step_hi < n_groups and g_step[step_hi] == g_step[gg]:
-                    step_hi += 1
-                for lay in range(L):
-                    layer_group[lay] = -1
-                for g2 in range(step_lo, step_hi):
-                    layer_group[g_layer[g2]] = g2
             lay = g_layer[gg]
             for x in range(grun_off[gg], grun_off[gg + 1]):
                 i = seg_slot[x - x0]
@@ -420,7 +523,6 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
                     fin_mark[q] = gg
                     finished[n_fin] = i
                     n_fin += 1
-            n_c = 0
             m_off[gg] = n_m
             for r in range(grow_off[gg], grow_off[gg + 1]):
                 q = seqd[r]
@@ -438,48 +540,6 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
                     m_ids = grown
                 m_ids[n_m] = entry_snap[k]
                 n_m += 1
-                last = min(lay + horizon, L - 1)
-                for tl in range(lay + 1, last + 1):
-                    tg = layer_group[tl]
-                    if tg < 0:
-                        continue
-                    decay = 1.0 - (tl - lay) / (L + 1.0)
-                    for t in range(n_top[k, tl]):
-                        o = layer_base[tl] + top_e[k, tl, t]
-                        p = (top_v[k, tl, t] + EPS) * decay
-                        if cand_stamp[o] != gg:
-                            cand_stamp[o] = gg
-                            cand_p[o] = p
-                            cand_list[n_c] = o
-                            cand_tgt[n_c] = tg
-                            n_c += 1
-                        else:
-                            cand_p[o] += p
-            # descending priority (stable: first named first on ties)
-            for x in range(1, n_c):
-                o = cand_list[x]
-                tg = cand_tgt[x]
-                y = x
-                while y > 0 and cand_p[cand_list[y - 1]] < cand_p[o]:
-                    cand_list[y] = cand_list[y - 1]
-                    cand_tgt[y] = cand_tgt[y - 1]
-                    y -= 1
-                cand_list[y] = o
-                cand_tgt[y] = tg
-            if n_out + n_c > out_obj.shape[0]:
-                size = max(out_obj.shape[0] * 2, n_out + n_c)
-                g_obj = np.empty(size, np.int32)
-                g_tgt = np.empty(size, np.int64)
-                g_obj[:n_out] = out_obj[:n_out]
-                g_tgt[:n_out] = out_tgt[:n_out]
-                out_obj = g_obj
-                out_tgt = g_tgt
-            out_off[gg] = n_out
-            for x in range(n_c):
-                out_obj[n_out] = cand_list[x]
-                out_tgt[n_out] = cand_tgt[x]
-                n_out += 1
-            out_off[gg + 1] = n_out
             m_off[gg + 1] = n_m
         ga = gb
         if not fin_step_end[gb - 1]:
@@ -495,7 +555,7 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
                 for c in range(1, C):
                     if matched[c] < matched[k] or (matched[c] == matched[k] and born[c] < born[k]):
                         k = c
-            _store(ecol, inv_e, top_e, top_v, n_top, a_mat[i], k, e_max, L, layer_base, top_n)
+            _store(ecol, inv_e, a_mat[i], k, e_max, L)
             matched[k] = 0
             born[k] = clock
             clock += 1
@@ -516,10 +576,8 @@ def _match(row_group, g_step, g_layer, seqd, offsets, experts, n_seq, n_layers, 
                         acc_d += a_mat[i2, lay, e] * ecol[lay, e, k]
                     dots[i2, lay, k] = acc_d
         n_fin = 0
-    out_off[n_groups] = n_out
     m_off[n_groups] = n_m
-    return (out_off, out_obj[:n_out], out_tgt[:n_out], m_off, m_ids[:n_m].copy(), snap_eam,
-            n_snap)  # fmt: skip
+    return m_off, m_ids[:n_m].copy(), snap_eam, n_snap
 
 
 @njit(cache=True, parallel=True, _nrt=False)
@@ -624,8 +682,8 @@ def _add_rows(dots, ecol, i, lay, u_list, u_cnt, n_u, k0, k1):
 
 
 @njit(**HOT)
-def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base, top_n):
-    """Entry ``k`` of the collection := ``mat``: its columns, row norms and top experts."""
+def _store(ecol, inv_e, mat, k, e_max, n_layers):
+    """Entry ``k`` of the collection := ``mat``: its columns and row norms."""
     for lay in range(n_layers):
         sq = 0.0
         for e in range(e_max):
@@ -633,10 +691,6 @@ def _store(ecol, inv_e, top_e, top_v, n_top, mat, k, e_max, n_layers, layer_base
             ecol[lay, e, k] = v
             sq += v * v
         inv_e[lay, k] = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
-        n_e = layer_base[lay + 1] - layer_base[lay]
-        n_top[k, lay] = _top_counts(mat[lay], n_e, top_n, top_e[k, lay])
-        for t in range(n_top[k, lay]):
-            top_v[k, lay, t] = mat[lay, top_e[k, lay, t]]
 
 
 @njit(inline="always", **HOT)

@@ -244,10 +244,11 @@ def _row_issue_lists(prep, preds, horizon: int, same_step: bool = True):
     return _by_issuer(issuer, np.asarray(t_off, np.int64), t_obj, acc.num_groups)
 
 
-def _moe_infinity(prep, values, horizon: int):
+def _mi_matches(prep, values):
+    """MoE-Infinity's matches for ``values`` (capacity, warm): memoised apart from the lists,
+    since they depend on neither the horizon nor ``top_n``."""
     cap = int(values["capacity"])
     warm_path = values.get("warm")
-    top_n = _top_n(prep, values)
 
     def make():
         warm = None
@@ -257,9 +258,17 @@ def _moe_infinity(prep, values, horizon: int):
                 raise ConfigError(f"moe-infinity warm={warm_path}: its model shape differs "
                                   "from the replayed trace's")  # fmt: skip
             warm = moe_infinity.eam_of_sequences(wt)
-        return moe_infinity.build(prep.trace, prep.acc, horizon, top_n, cap, warm)
+        return moe_infinity.match(prep.trace, prep.acc, cap, warm)
 
-    return _memo(prep, ("moe-infinity", cap, warm_path, horizon, top_n), make)
+    return _memo(prep, ("moe-infinity matches", cap, warm_path), make)
+
+
+def _moe_infinity(prep, values, horizon: int):
+    """MoE-Infinity's issue lists (off, obj, tgt) at ``horizon``."""
+    top_n = _top_n(prep, values)
+    key = ("moe-infinity", int(values["capacity"]), values.get("warm"), horizon, top_n)
+    return _memo(prep, key, lambda: moe_infinity.issue_lists(
+        prep.trace, prep.acc, _mi_matches(prep, values), horizon, top_n))  # fmt: skip
 
 
 def adaptive_inputs(prep, cfg) -> tuple[float, np.ndarray]:
@@ -314,7 +323,7 @@ def issue_lists(prep, cfg):
             _issuer(acc.group_step, acc.group_layer, r.horizon, False), acc.group_offsets,
             acc.obj, acc.num_groups))  # fmt: skip
     if name == "moe-infinity":
-        return _moe_infinity(prep, values, r.horizon)[0]
+        return _moe_infinity(prep, values, r.horizon)
     if name == "adaptive":
         off, obj, tgt, _ = _adaptive(prep, cfg, values)
         return off, obj, tgt
@@ -363,4 +372,4 @@ def matches(prep, cfg):
     name, values = parse_prefetch(cfg.replay.prefetch)
     if name != "moe-infinity":
         values = parse_prefetch("moe-infinity")[1]
-    return _moe_infinity(prep, values, cfg.replay.horizon)[1]
+    return _mi_matches(prep, values)

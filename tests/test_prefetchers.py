@@ -388,6 +388,25 @@ def test_moe_infinity_blocks_segments_and_cores_change_nothing(case):
     assert _csr_lists(cut[1].off, cut[1].ids) == _moe_infinity_twin(tr, 1, 2, 3, warm)[1]
 
 
+@pytest.mark.parametrize("case", range(len(TRACES)))
+def test_moe_infinity_lists_from_one_match_at_any_horizon(case):
+    """The matches do not depend on the horizon or top_n (the prefetcher memoises them apart):
+    lists written from one match() at several horizons and top_n equal the twin's, and the
+    matches equal those of a build() at another horizon."""
+    rng = np.random.default_rng(60 + case)
+    tr = random_trace(rng, **TRACES[case])
+    warm = moe_infinity.eam_of_sequences(random_trace(rng, **TRACES[case]))
+    acc = prepare(tr).acc
+    m = moe_infinity.match(tr, acc, 1000, warm)
+    for horizon, top_n in [(1, 1), (2, 2), (3, 3), (4, 2)]:
+        issue, match, _ = _moe_infinity_twin(tr, horizon, top_n, 1000, warm)
+        assert _csr_lists(m.off, m.ids) == match
+        assert _issue_by_group(*moe_infinity.issue_lists(tr, acc, m, horizon, top_n)) == issue
+    _, other = moe_infinity.build(tr, acc, 3, 1, 1000, warm)
+    for a, b in zip(astuple(m), astuple(other), strict=True):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("steps", ["native", "per-token"])
 def test_moe_infinity_top6_and_count_types(steps):
     """Top-6 routing (the unrolled update: one token's six experts, and prefill runs of two
@@ -801,3 +820,23 @@ def test_training_trace_read_once_per_prepared_trace(tmp_path, monkeypatch):
                f"moe-infinity:warm={warm}"):  # fmt: skip
         run(prep, _cfg(2, pf), "lru")
     assert reads == [warm]
+
+
+def test_moe_infinity_matches_once_per_collection(monkeypatch):
+    """MoE-Infinity's matching depends on the collection (capacity, warm) only: prefetching at
+    horizons 1 and 2, with another top_n, and its eviction policy without its prefetcher all
+    reuse one matching pass; another capacity matches again."""
+    calls = []
+    real = moe_infinity.match
+
+    def counting(trace, acc, capacity=1000, *a, **k):
+        calls.append(capacity)
+        return real(trace, acc, capacity, *a, **k)
+
+    monkeypatch.setattr(moe_infinity, "match", counting)
+    prep = prepare(_hand_trace(3, 4, 2, [[[0], [1], [2]], [[0], [1], [2]], [[3], [1], [0]]]))
+    for policy, pf, horizon in [("lru", "moe-infinity", 1), ("lru", "moe-infinity", 2),
+                                ("lru", "moe-infinity:top_n=1", 1), ("moe-infinity", "none", 1),
+                                ("lru", "moe-infinity:capacity=1", 1)]:  # fmt: skip
+        run(prep, _cfg(2, pf, horizon=horizon), policy)
+    assert calls == [1000, 1]
