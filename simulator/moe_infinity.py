@@ -94,21 +94,12 @@ def _fill_eams(seq, layer, offsets, experts, out):
             out[seq[r], layer[r], experts[j]] += 1.0
 
 
-def build(
-    trace: Trace,
-    acc,
-    horizon: int,
-    top_n: int,
-    capacity: int = 1000,
-    warm: np.ndarray | None = None,
-    chunk: int = 0,
-    par_min: int = PAR_MIN,
-    seg_runs: int = SEG_RUNS,
-    int_counts: bool | None = None,
-):
+def build(trace: Trace, acc, horizon: int, top_n: int, capacity: int = 1000,
+          warm: np.ndarray | None = None, **speed):  # fmt: skip
     """Prefetch issue lists (by issuing group: ``off``, ``obj``, ``tgt``) and the matches:
-    :func:`match`, then :func:`issue_lists` (see those for the arguments)."""
-    m = match(trace, acc, capacity, warm, chunk, par_min, seg_runs, int_counts)
+    :func:`match` (``speed``: its ``chunk``, ``par_min``, ``seg_runs`` and ``int_counts``),
+    then :func:`issue_lists`."""
+    m = match(trace, acc, capacity, warm, **speed)
     return issue_lists(trace, acc, m, horizon, top_n), m
 
 
