@@ -161,9 +161,12 @@ def issue_lists(trace: Trace, acc, matches: Matches, horizon: int, top_n: int):
     their priorities. The requests go out in descending priority (ties: first named first).
     (Written in one thread: two threads writing halves were no faster here, the first touch
     of the fresh output pages dominating.)"""
+    if int(horizon) < 1 or int(top_n) < 1:
+        raise ValueError(f"moe-infinity issue lists: horizon and top_n must be >= 1, got "
+                         f"{horizon} and {top_n}")  # fmt: skip
     n_layers = trace.meta.num_layers
     base = acc.layer_base
-    top_o, top_v, n_top = _snap_tops(matches.snap, base, n_layers, max(1, int(top_n)))
+    top_o, top_v, n_top = _snap_tops(matches.snap, base, n_layers, int(top_n))
     n_groups = acc.group_step.shape[0]
     room = max(1, int((matches.off[-1] - matches.off[0]) * int(horizon) * int(top_n)))
     out_obj = np.empty(room, np.int32)  # at most horizon x top_n per matched matrix

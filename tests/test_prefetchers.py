@@ -405,6 +405,9 @@ def test_moe_infinity_lists_from_one_match_at_any_horizon(case):
     _, other = moe_infinity.build(tr, acc, 3, 1, 1000, warm)
     for a, b in zip(astuple(m), astuple(other), strict=True):
         assert np.array_equal(a, b)
+    for horizon, top_n in [(0, 2), (1, 0)]:
+        with pytest.raises(ValueError, match="horizon and top_n must be >= 1"):
+            moe_infinity.issue_lists(tr, acc, m, horizon, top_n)
 
 
 @pytest.mark.parametrize("steps", ["native", "per-token"])
